@@ -1,0 +1,133 @@
+"""The expert cache: stored records (compact form) in RAM under a hard byte budget, LRU.
+
+Evicted buffers are reused for the next miss of the same size, so steady-state decode
+allocates nothing. Counters are kept per layer and summed on demand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+import torch
+
+from .reader import AlignedBuffer, RecordReader
+from .sizes import format_size
+from .store import LayerInfo
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # summed over reader threads
+    wait_seconds: float = 0.0  # time the compute thread spent blocked on reads
+
+    def add(self, other: Counters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+class ExpertCache:
+    """LRU over (layer, expert) -> record buffer, never holding more than `budget` bytes."""
+
+    def __init__(self, reader: RecordReader, budget: int):
+        self.reader = reader
+        self.budget = int(budget)
+        self.used = 0
+        self.peak_used = 0
+        self.entries: OrderedDict[tuple[int, int], AlignedBuffer] = OrderedDict()
+        self.layers: dict[int, Counters] = {}
+
+    def capacity(self, info: LayerInfo) -> int:
+        """How many records of this layer fit at once."""
+        return self.budget // info.record_bytes
+
+    def counters(self, layer: int) -> Counters:
+        c = self.layers.get(layer)
+        if c is None:
+            c = self.layers[layer] = Counters()
+        return c
+
+    def total(self) -> Counters:
+        t = Counters()
+        for c in self.layers.values():
+            t.add(c)
+        return t
+
+    def reset_counters(self) -> None:
+        self.layers.clear()
+
+    def _buffer_for(self, nbytes: int, pinned: set[tuple[int, int]]) -> AlignedBuffer:
+        """Make room for `nbytes` by evicting unpinned LRU entries; reuse an evicted buffer if it fits."""
+        reuse = None
+        while self.used + nbytes > self.budget:
+            key = next((k for k in self.entries if k not in pinned), None)
+            if key is None:
+                raise MemoryError(
+                    f"expert cache budget {format_size(self.budget)} cannot hold the {len(pinned)} records "
+                    f"one step needs at once; give a larger --cache/--memory"
+                )
+            buf = self.entries.pop(key)
+            self.used -= buf.nbytes
+            self.counters(key[0]).evictions += 1
+            if reuse is None and buf.nbytes == nbytes:
+                reuse = buf
+        self.used += nbytes
+        self.peak_used = max(self.peak_used, self.used)
+        return reuse if reuse is not None else AlignedBuffer(nbytes)
+
+    def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
+        """Records (uint8 tensors) for `experts` of one layer: hits at once, misses read in parallel."""
+        if len(experts) * info.record_bytes > self.budget:
+            raise MemoryError(
+                f"{len(experts)} records of {format_size(info.record_bytes)} exceed the expert cache budget "
+                f"{format_size(self.budget)}; request at most {self.capacity(info)} at a time"
+            )
+        c = self.counters(info.layer)
+        pinned = {(info.layer, e) for e in experts}
+        out: dict[int, torch.Tensor] = {}
+        pending = []
+        for e in experts:
+            key = (info.layer, e)
+            buf = self.entries.get(key)
+            if buf is not None:
+                self.entries.move_to_end(key)
+                c.hits += 1
+                out[e] = buf.tensor
+            else:
+                c.misses += 1
+                buf = self._buffer_for(info.record_bytes, pinned)
+                self.entries[key] = buf  # reserved now so later misses in this call cannot evict it
+                pending.append((e, buf, self.reader.submit(info, e, buf)))
+        if pending:
+            t0 = time.perf_counter()
+            try:
+                for e, buf, fut in pending:
+                    c.read_seconds += fut.result()
+                    c.bytes_read += info.record_bytes
+                    out[e] = buf.tensor
+            except BaseException:
+                for e, buf, fut in pending:  # never leave a half-read record in the cache
+                    fut.cancel()
+                    if self.entries.pop((info.layer, e), None) is not None:
+                        self.used -= buf.nbytes
+                raise
+            finally:
+                c.wait_seconds += time.perf_counter() - t0
+        return out
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0

@@ -1,0 +1,297 @@
+"""`moestream convert`: a Hugging Face checkpoint into a store (see store.py), one expert at a time.
+
+Where each checkpoint tensor goes is decided by transformers itself: its checkpoint conversion
+mapping renames on-disk keys (`block_sparse_moe.experts.3.w1.weight`, ...) to the model's
+parameter names and fuses per-expert tensors (`gate_proj` + `up_proj` -> `gate_up_proj`). We run
+those same conversions on one expert's tensors at a time, so peak memory stays near one
+expert plus one dense tensor, and the records hold exactly what transformers would compute with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, rename_source_key
+
+from . import __version__
+from .reader import CHECKSUM, checksum
+from .safetensors_io import Checkpoint, write_safetensors
+from .skeleton import UnsupportedModel, experts_modules, expert_params, layer_index, load_config, meta_model
+from .store import ALIGN, DENSE_FILE, FORMAT, FORMAT_VERSION, STORE_JSON, LayerInfo, dtype_name, record_layout
+
+EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def resolve_source(src: str, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (config, tokenizer, safetensors) by huggingface_hub."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise UnsupportedModel(f"{src}: expected a checkpoint directory or a hub id, found a file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", src) is None:
+        raise UnsupportedModel(f"{src}: no such directory, and not a hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=HUB_PATTERNS))
+
+
+@dataclass
+class _Group:
+    """Checkpoint keys that together produce one or more model tensors (through one converter, or none)."""
+
+    converter: WeightConverter | None
+    target: str
+    keys: list[tuple[str, str | None]] = field(default_factory=list)  # (source key, matched pattern)
+
+
+@dataclass
+class _ExpertPlan:
+    module: str
+    layer: int
+    experts: int
+    params: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # per-expert dtype and shape, by param name
+    per_expert: dict[int, list[_Group]] = field(default_factory=dict)  # expert -> groups of per-expert keys
+    fused: list[_Group] = field(default_factory=list)  # groups of 3-D keys holding all experts
+
+
+def _run_groups(groups: list[_Group], fetch) -> dict[str, torch.Tensor]:
+    """Materialise groups with `fetch(key)` and apply their converters; returns model-name -> tensor."""
+    out = {}
+    for g in groups:
+        if g.converter is None:
+            (key, _), = g.keys
+            out[g.target] = fetch(key)
+            continue
+        conv = g.converter
+        for pattern in conv.source_patterns:
+            for key, p in g.keys:
+                if p == pattern:
+                    conv.add_tensor(g.target, key, pattern, fetch(key))
+        out.update(conv.convert(g.target))
+        conv.layer_targets.clear()
+    return out
+
+
+class _Plan:
+    """Every checkpoint key assigned to the dense file or to an expert record, checked for completeness."""
+
+    def __init__(self, model, ckpt: Checkpoint):
+        experts = experts_modules(model)
+        conversions = get_model_conversion_mapping(model)
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+        meta_sd = model.state_dict()
+        expert_targets = {}
+        self.experts: dict[str, _ExpertPlan] = {}
+        for name, mod in experts.items():
+            params = {p: (t.dtype, tuple(t.shape[1:])) for p, t in expert_params(mod).items()}
+            n = {t.shape[0] for t in expert_params(mod).values()}
+            self.experts[name] = _ExpertPlan(name, layer_index(name), n.pop(), params)
+            expert_targets.update({f"{name}.{p}": name for p in params})
+
+        dense: dict[tuple[int, str], _Group] = {}
+        self.skipped: list[str] = []
+        for key in ckpt.keys():
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            conv = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
+            module = expert_targets.get(target)
+            if module is not None:
+                plan = self.experts[module]
+                m = EXPERT_INDEX.search(key)
+                if m is None:
+                    groups = plan.fused
+                else:
+                    e = int(m.group(1))
+                    if not 0 <= e < plan.experts:
+                        raise UnsupportedModel(f"{key}: expert {e} out of range ({plan.experts} experts in {module})")
+                    groups = plan.per_expert.setdefault(e, [])
+                g = next((g for g in groups if g.converter is conv and g.target == target), None)
+                if g is None:
+                    groups.append(g := _Group(conv, target))
+                g.keys.append((key, pattern))
+            elif target in meta_sd:
+                g = dense.setdefault((id(conv), target), _Group(conv, target))
+                g.keys.append((key, pattern))
+            else:
+                self.skipped.append(key)
+        self.dense = list(dense.values())
+
+        # Shapes of the dense outputs: run the converters on meta tensors.
+        def meta_fetch(key):
+            shape, dtype = ckpt.shape_dtype(key)
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        self.dense_specs = []
+        for g in self.dense:
+            for name, t in _run_groups([g], meta_fetch).items():
+                want = tuple(meta_sd[name].shape) if name in meta_sd else None
+                if want is not None and tuple(t.shape) != want:
+                    raise UnsupportedModel(
+                        f"checkpoint tensor {g.keys[0][0]} has shape {tuple(t.shape)}, "
+                        f"but {type(model).__name__}.{name} needs {want}: config and weights disagree"
+                    )
+                self.dense_specs.append((name, t.dtype, tuple(t.shape)))
+
+        produced = {n for n, _, _ in self.dense_specs}
+        tied = getattr(model, "all_tied_weights_keys", {}) or {}
+        missing = [k for k in meta_sd if k not in expert_targets and k not in produced and k not in tied]
+        if missing:
+            raise UnsupportedModel(
+                f"{ckpt.root}: the checkpoint lacks {len(missing)} tensor(s) that {type(model).__name__} needs, "
+                f"e.g. {', '.join(missing[:5])}"
+            )
+        for plan in self.experts.values():
+            if not plan.fused and len(plan.per_expert) != plan.experts:
+                raise UnsupportedModel(
+                    f"{ckpt.root}: {plan.module} has tensors for {len(plan.per_expert)} of {plan.experts} experts"
+                )
+
+
+def _expert_tensors(plan: _ExpertPlan, e: int, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """One expert's slice of every parameter of the experts module, as transformers lays it out."""
+    got = _run_groups(plan.per_expert.get(e, []), ckpt.get)
+    got.update(_run_groups(plan.fused, lambda key: ckpt.get_rows(key, e, e + 1)))
+    out = {}
+    for p, (_, shape) in plan.params.items():
+        full = f"{plan.module}.{p}"
+        t = got.get(full)
+        if t is None:
+            raise UnsupportedModel(f"checkpoint has no tensor for {full} (expert {e})")
+        if tuple(t.shape) == (1, *shape):
+            t = t[0]
+        if tuple(t.shape) != shape:
+            raise UnsupportedModel(f"{full}, expert {e}: checkpoint gives shape {tuple(t.shape)}, model needs {shape}")
+        out[p] = t
+    return out
+
+
+def _write_layer(plan: _ExpertPlan, ckpt: Checkpoint, path: Path, bar: tqdm) -> LayerInfo:
+    first = _expert_tensors(plan, 0, ckpt)
+    slots, record_bytes = record_layout([(p, t.dtype, tuple(t.shape)) for p, t in first.items()])
+    sums = []
+    record = torch.zeros(record_bytes, dtype=torch.uint8)
+    with open(path, "wb") as f:
+        for e in range(plan.experts):
+            tensors = first if e == 0 else _expert_tensors(plan, e, ckpt)
+            record.zero_()
+            for s in slots:
+                t = tensors[s.name]
+                if dtype_name(t.dtype) != s.dtype:
+                    raise UnsupportedModel(f"{plan.module}.{s.name}: expert {e} is {t.dtype}, expert 0 is {s.dtype}")
+                record[s.offset : s.offset + s.nbytes] = t.contiguous().view(-1).view(torch.uint8)
+            data = record.numpy().data
+            sums.append(checksum(data))
+            f.write(data)
+            bar.update(sum(s.nbytes for s in slots))
+        f.flush()
+        os.fsync(f.fileno())
+    return LayerInfo(plan.layer, plan.module, str(path.relative_to(path.parent.parent)), plan.experts,
+                     record_bytes, slots, sums)
+
+
+def _partial_dirs(out: Path) -> list[Path]:
+    return list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary directories of conversions whose process is gone (killed, power loss)."""
+    for d in _partial_dirs(out):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _store_dtype(specs) -> torch.dtype:
+    """The dtype most dense bytes are in: what the runtime builds the model in."""
+    by = {}
+    for _, dtype, shape in specs:
+        if dtype.is_floating_point:
+            by[dtype] = by.get(dtype, 0) + dtype.itemsize * (torch.Size(shape).numel())
+    return max(by, key=by.get) if by else torch.float32
+
+
+def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: str | None = None,
+            progress: bool = True) -> Path:
+    """Convert checkpoint `src` (directory or hub id) into a store at `out`; returns `out`.
+
+    Nothing appears at `out` until the store is complete: everything is written into a
+    temporary sibling directory that is renamed at the end, and removed on any failure.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    src_dir = resolve_source(src, revision)
+    config = load_config(str(src_dir))
+    model = meta_model(config)
+    ckpt = Checkpoint(src_dir)
+    plan = _Plan(model, ckpt)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "experts").mkdir(parents=True)
+    t0 = time.time()
+    skipped = set(plan.skipped)
+    total = sum(ckpt.nbytes(k) for k in ckpt.keys() if k not in skipped)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {out.name}",
+                  disable=not progress) as bar:
+
+            def dense_tensors():
+                for g in plan.dense:
+                    for name, t in _run_groups([g], ckpt.get).items():
+                        bar.update(t.numel() * t.element_size())
+                        yield name, t
+
+            dense_bytes = write_safetensors(tmp / DENSE_FILE, plan.dense_specs, dense_tensors(),
+                                            {"format": "pt", "producer": f"moestream {__version__}"})
+            layers = []
+            for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):
+                p = plan.experts[module]
+                layers.append(_write_layer(p, ckpt, tmp / "experts" / f"layer-{p.layer:03d}.bin", bar))
+
+        for f in sorted(src_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "producer": f"moestream {__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"model": str(src), "path": str(src_dir), "revision": revision, "files": ckpt.files()},
+            "model_type": config.model_type,
+            "architecture": type(model).__name__,
+            "dtype": dtype_name(_store_dtype(plan.dense_specs)),
+            "quant": {"experts": "none", "dense": "none"},
+            "alignment": ALIGN,
+            "checksum": CHECKSUM,
+            "dense": {"path": DENSE_FILE, "bytes": dense_bytes, "tensors": len(plan.dense_specs)},
+            "skipped_keys": plan.skipped,
+            "convert_seconds": round(time.time() - t0, 3),
+            "layers": [i.to_json() for i in layers],
+        }
+        (tmp / STORE_JSON).write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,232 @@
+"""Loading a store into a transformers model whose experts stream from the cache.
+
+transformers builds the model (attention, routing, KV cache: all theirs); we drop the
+experts' weights from it, load the dense weights, and register the `moestream` experts
+implementation in transformers' `ExpertsInterface`. Every `*Experts` module then calls
+`experts_forward` below with the router's choices, and we fetch exactly those experts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.integrations.moe import ExpertsInterface
+
+from .budget import MemoryPlan, plan_memory
+from .cache import ExpertCache
+from .generate import GenerationStats, Sampling, generate_ids
+from .reader import RecordReader
+from .skeleton import experts_modules, expert_params, load_config, meta_model
+from .store import LayerInfo, Store, StoreError, record_tensors
+
+IMPLEMENTATION = "moestream"
+
+
+@dataclass
+class LayerSource:
+    """What one experts module needs to fetch its experts: the cache, its layer's records, where to compute."""
+
+    cache: ExpertCache
+    info: LayerInfo
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    y = x @ w if transposed else F.linear(x, w)
+    return y + b if b is not None else y
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The `moestream` experts implementation: eager transformers' loop, with weights from the cache.
+
+    The union of experts the tokens chose is fetched once (in groups that fit the cache), so a
+    prefill chunk reads each expert once, however many of its tokens chose it.
+    """
+    src: LayerSource = self._moestream
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=src.info.experts + 1).permute(2, 1, 0)
+        wanted = [e for e in torch.unique(top_k_index).tolist() if e < src.info.experts]
+    step = max(1, src.cache.capacity(src.info))
+    for start in range(0, len(wanted), step):
+        group = wanted[start : start + step]
+        records = src.cache.get(src.info, group)
+        for e in group:
+            w = record_tensors(records[e], src.info.tensors)
+            if src.device.type != "cpu" or any(t.dtype != src.dtype for t in w.values()):
+                w = {k: v.to(src.device, src.dtype, non_blocking=True) for k, v in w.items()}
+            pos, tok = torch.where(mask[e])
+            x = hidden_states[tok]
+            up = "gate_up_proj" if self.has_gate else "up_proj"
+            h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
+            if self.has_post_expert_norm:
+                y = self.post_expert_norm(y)
+            y = y * top_k_weights[tok, pos, None]
+            final.index_add_(0, tok, y.to(final.dtype))
+    return final
+
+
+ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _fill_dense(model: PreTrainedModel, store: Store, device: torch.device) -> None:
+    """Allocate the dense weights on `device` and fill them from dense.safetensors, tensor by tensor."""
+    model.to_empty(device=device)
+    # Non-persistent buffers (rotary inv_freq, ...) are not in any checkpoint: transformers
+    # computes them in `_init_weights`, and so do we, before the weights are loaded over.
+    owners = {name.rsplit(".", 1)[0] if "." in name else "" for name, _ in model.named_non_persistent_buffers()}
+    for name in owners:
+        model._init_weights(model.get_submodule(name))
+    loaded = set()
+    with safe_open(store.dense_path, "pt", device=str(device) if device.type != "mps" else "cpu") as f:
+        for key in f.keys():
+            try:
+                target = model.get_parameter_or_buffer(key)
+            except AttributeError as e:
+                raise StoreError(f"{store.dense_path}: tensor {key} has no place in {type(model).__name__}") from e
+            src = f.get_tensor(key)
+            if tuple(src.shape) != tuple(target.shape):
+                raise StoreError(f"{store.dense_path}: {key} is {tuple(src.shape)}, model needs {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(src)
+            loaded.add(key)
+    model.tie_weights()
+    tied = getattr(model, "all_tied_weights_keys", {}) or {}
+    missing = [k for k in model.state_dict() if k not in loaded and k not in tied]
+    if missing:
+        raise StoreError(f"{store.dense_path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
+
+
+class StreamedModel:
+    """A loaded store: `.model` is the transformers model, its experts served by `.cache`."""
+
+    def __init__(self, store: Store, model: PreTrainedModel, tokenizer, cache: ExpertCache, reader: RecordReader,
+                 device: torch.device, memory: MemoryPlan, load_seconds: float):
+        self.store = store
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.reader = reader
+        self.device = device
+        self.memory = memory
+        self.load_seconds = load_seconds
+        self.stats: GenerationStats | None = None
+
+    def encode(self, prompt: str | list[int], chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt; with `chat` (default: when the tokenizer has a template) as one user turn."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.store.root} has no tokenizer files; pass token ids instead of text")
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        if chat and not has_template:
+            raise ValueError(f"{self.store.root}: the tokenizer has no chat template; use raw mode")
+        if chat or (chat is None and has_template):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def _eos(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return ids
+
+    def stream_ids(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool | None = None,
+                   stop_at_eos: bool = True, **sampling) -> Iterator[int]:
+        """Generated token ids as they come; `.stats` describes the run once the iterator is exhausted."""
+        ids = self.encode(prompt, chat)
+        stats = GenerationStats(load_seconds=self.load_seconds)
+        self.stats = stats
+        yield from generate_ids(self.model, ids, max_new_tokens, Sampling(**sampling), self.cache, stats,
+                                eos=self._eos() if stop_at_eos else set())
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool | None = None,
+               **sampling) -> Iterator[str]:
+        """Generated text, piece by piece, as tokens are decoded."""
+        ids: list[int] = []
+        shown = ""
+        for t in self.stream_ids(prompt, max_new_tokens, chat, **sampling):
+            ids.append(t)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool | None = None,
+                 **sampling) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, chat, **sampling))
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.reader.close()
+
+    def __enter__(self) -> StreamedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
+         device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
+         threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True) -> StreamedModel:
+    """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
+
+    `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
+    """
+    from .stores import ensure_store
+
+    t0 = time.perf_counter()
+    store = ensure_store(str(path), progress=progress)
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or store.dtype
+    config = load_config(str(store.root))
+    plan = plan_memory(store, config, memory=memory, cache=cache, dtype=dtype, context=context, device=device)
+    config._experts_implementation = IMPLEMENTATION
+    model = meta_model(config, dtype)
+    experts = experts_modules(model)
+    layers = store.layer_by_module()
+    if set(layers) != set(experts):
+        raise StoreError(f"{store.root}: store has experts for {sorted(layers)}, the model for {sorted(experts)}")
+    for mod in experts.values():
+        for p in expert_params(mod):
+            mod.register_parameter(p, None)
+    _fill_dense(model, store, device)
+    reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
+    expert_cache = ExpertCache(reader, plan.cache)
+    for name, mod in experts.items():
+        mod._moestream = LayerSource(expert_cache, layers[name], device, dtype)
+    model.eval()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(store.root)
+    except OSError:
+        pass
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(store.root)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return StreamedModel(store, model, tokenizer, expert_cache, reader, device, plan, time.perf_counter() - t0)

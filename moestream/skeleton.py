@@ -1,0 +1,65 @@
+"""The transformers model as a skeleton on the meta device: structure, names and shapes, no memory.
+
+Both `convert` (to learn where every checkpoint tensor goes) and the runtime (to fill in the
+dense weights) start from it, so the store always matches what transformers builds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+
+class UnsupportedModel(Exception):
+    """A checkpoint moestream cannot stream: unknown architecture, or no routed experts."""
+
+
+def load_config(path: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModel(f"{path}/config.json: transformers does not know this model type ({e})") from e
+    except OSError as e:
+        raise UnsupportedModel(f"{path}: no readable config.json ({e})") from e
+
+
+def meta_model(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The causal-LM model for `config` on the meta device (no weights allocated)."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise UnsupportedModel(
+            f"model type {config.model_type!r} has no causal language model class in transformers: {e}"
+        ) from e
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """True for modules built with transformers' `@use_experts_implementation` (they carry its layout flags)."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated"))
+
+
+def experts_modules(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """Every routed-experts module by its qualified name; error if there is none."""
+    found = {name: m for name, m in model.named_modules() if is_experts_module(m)}
+    if not found:
+        raise UnsupportedModel(
+            f"{type(model).__name__} ({model.config.model_type}) has no routed-experts module: "
+            "it is not a Mixture-of-Experts model, or its experts class does not use transformers' "
+            "experts interface, so there is nothing to stream"
+        )
+    return found
+
+
+def expert_params(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The module's own 3-D per-expert parameters (first dim = number of experts)."""
+    return {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
+
+
+def layer_index(module_name: str) -> int:
+    """The decoder layer number inside a module path like `model.layers.12.mlp.experts`."""
+    parts = module_name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "blocks") and b.isdigit():
+            return int(b)
+    raise UnsupportedModel(f"cannot tell the layer number of experts module {module_name!r}")
