@@ -26,9 +26,8 @@ class Counters:
     read_seconds: float = 0.0  # summed over reader threads
     wait_seconds: float = 0.0  # time the compute thread spent blocked on reads
 
-    def add(self, other: Counters) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
@@ -61,10 +60,7 @@ class ExpertCache:
         return c
 
     def total(self) -> Counters:
-        t = Counters()
-        for c in self.layers.values():
-            t.add(c)
-        return t
+        return sum(self.layers.values(), Counters())
 
     def reset_counters(self) -> None:
         self.layers.clear()

@@ -59,6 +59,7 @@ class GenerationStats:
     cache_budget: int = 0
     prefill: Counters = field(default_factory=Counters)
     decode: Counters = field(default_factory=Counters)
+    layers: dict[int, Counters] = field(default_factory=dict)  # whole run, per MoE layer
     peak_rss: int = 0
 
     @property
@@ -72,10 +73,7 @@ class GenerationStats:
 
     @property
     def io(self) -> Counters:
-        t = Counters()
-        t.add(self.prefill)
-        t.add(self.decode)
-        return t
+        return self.prefill + self.decode
 
     def to_dict(self) -> dict:
         io = self.io
@@ -130,6 +128,7 @@ def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sa
     past = DynamicCache(config=model.config)
     stats.prompt_tokens, stats.cache_budget = len(ids), cache.budget
     start = cache.total()
+    start_layers = {k: v + Counters() for k, v in cache.layers.items()}  # copies
     t0 = time.perf_counter()
     n = 0
     try:
@@ -152,4 +151,5 @@ def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sa
                 stats.decode = cache.total() - after_prefill
                 yield tok
     finally:
+        stats.layers = {k: v - start_layers.get(k, Counters()) for k, v in sorted(cache.layers.items())}
         stats.peak_rss = peak_rss_bytes()

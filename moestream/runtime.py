@@ -96,7 +96,7 @@ def _fill_dense(model: PreTrainedModel, store: Store, device: torch.device) -> N
     for name in owners:
         model._init_weights(model.get_submodule(name))
     loaded = set()
-    with safe_open(store.dense_path, "pt", device=str(device) if device.type != "mps" else "cpu") as f:
+    with safe_open(store.dense_path, "pt", device="cpu") as f:  # one tensor at a time, copied to `device`
         for key in f.keys():
             try:
                 target = model.get_parameter_or_buffer(key)
