@@ -57,12 +57,18 @@ def available_bytes() -> int:
 
 
 def kv_cache_bytes(config: PretrainedConfig, tokens: int, dtype: torch.dtype) -> int:
-    """Full-attention KV cache for `tokens` positions (an upper bound for hybrid/sliding models)."""
+    """KV cache for `tokens` positions as transformers' cache holds it: keys and values per attention
+    layer (MLA models keep them decompressed); linear-attention layers hold no per-token cache.
+    An upper bound for sliding-window layers."""
     c = config.get_text_config()
     heads = getattr(c, "num_attention_heads", 1)
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return 2 * c.num_hidden_layers * kv_heads * head_dim * tokens * dtype.itemsize
+    k_dim = (getattr(c, "qk_nope_head_dim", 0) or 0) + (getattr(c, "qk_rope_head_dim", 0) or 0) or head_dim
+    v_dim = getattr(c, "v_head_dim", None) or head_dim
+    types = getattr(c, "layer_types", None) or []
+    layers = c.num_hidden_layers - sum(1 for t in types if "linear" in str(t))
+    return layers * kv_heads * (k_dim + v_dim) * tokens * dtype.itemsize
 
 
 def working_bytes(config: PretrainedConfig, context: int) -> int:

@@ -1,20 +1,29 @@
-"""The expert cache: stored records (compact form) in RAM under a hard byte budget, LRU.
+"""The expert cache: stored records (compact form) in RAM under a hard byte budget.
 
-Evicted buffers are reused for the next miss of the same size, so steady-state decode
-allocates nothing. Counters are kept per layer and summed on demand.
+Which entry to evict is the policy's choice (policy.py); evicted buffers are reused for the
+next miss of the same size, so steady-state decode allocates nothing. Counters are kept per
+layer and summed on demand. The simulator runs this same class with a reader that reads nothing.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import torch
 
+from .policy import LRU, Key, Policy
 from .reader import AlignedBuffer, RecordReader
 from .sizes import format_size
 from .store import LayerInfo
+
+
+def request_groups(top_k_index: torch.Tensor, num_experts: int, capacity: int) -> list[list[int]]:
+    """The experts one layer call fetches: the union of the tokens' choices, ascending, in groups
+    of at most `capacity` (what fits the cache at once). Shared by the runtime and the simulator."""
+    wanted = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
+    step = max(1, capacity)
+    return [wanted[i : i + step] for i in range(0, len(wanted), step)]
 
 
 @dataclass
@@ -39,14 +48,15 @@ class Counters:
 
 
 class ExpertCache:
-    """LRU over (layer, expert) -> record buffer, never holding more than `budget` bytes."""
+    """(layer, expert) -> record buffer, never holding more than `budget` bytes."""
 
-    def __init__(self, reader: RecordReader, budget: int):
+    def __init__(self, reader: RecordReader, budget: int, policy: Policy | None = None):
         self.reader = reader
         self.budget = int(budget)
+        self.policy = policy or LRU()
         self.used = 0
         self.peak_used = 0
-        self.entries: OrderedDict[tuple[int, int], AlignedBuffer] = OrderedDict()
+        self.entries: dict[Key, AlignedBuffer] = {}
         self.layers: dict[int, Counters] = {}
 
     def capacity(self, info: LayerInfo) -> int:
@@ -69,20 +79,21 @@ class ExpertCache:
         """Make room for `nbytes` by evicting unpinned LRU entries; reuse an evicted buffer if it fits."""
         reuse = None
         while self.used + nbytes > self.budget:
-            key = next((k for k in self.entries if k not in pinned), None)
+            key = self.policy.victim(pinned)
             if key is None:
                 raise MemoryError(
                     f"expert cache budget {format_size(self.budget)} cannot hold the {len(pinned)} records "
                     f"one step needs at once; give a larger --cache/--memory"
                 )
             buf = self.entries.pop(key)
+            self.policy.remove(key)
             self.used -= buf.nbytes
             self.counters(key[0]).evictions += 1
             if reuse is None and buf.nbytes == nbytes:
                 reuse = buf
         self.used += nbytes
         self.peak_used = max(self.peak_used, self.used)
-        return reuse if reuse is not None else AlignedBuffer(nbytes)
+        return reuse if reuse is not None else self.reader.buffer(nbytes)
 
     def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
         """Records (uint8 tensors) for `experts` of one layer: hits at once, misses read in parallel."""
@@ -98,14 +109,15 @@ class ExpertCache:
         for e in experts:
             key = (info.layer, e)
             buf = self.entries.get(key)
+            self.policy.access(key, buf is not None)
             if buf is not None:
-                self.entries.move_to_end(key)
                 c.hits += 1
                 out[e] = buf.tensor
             else:
                 c.misses += 1
                 buf = self._buffer_for(info.record_bytes, pinned)
                 self.entries[key] = buf  # reserved now so later misses in this call cannot evict it
+                self.policy.insert(key)
                 pending.append((e, buf, self.reader.submit(info, e, buf)))
         if pending:
             t0 = time.perf_counter()
@@ -118,6 +130,7 @@ class ExpertCache:
                 for e, buf, fut in pending:  # never leave a half-read record in the cache
                     fut.cancel()
                     if self.entries.pop((info.layer, e), None) is not None:
+                        self.policy.remove((info.layer, e))
                         self.used -= buf.nbytes
                 raise
             finally:
@@ -125,5 +138,7 @@ class ExpertCache:
         return out
 
     def clear(self) -> None:
+        for key in list(self.entries):
+            self.policy.remove(key)
         self.entries.clear()
         self.used = 0

@@ -1,4 +1,4 @@
-"""The `moestream` command: convert, run, demo, inspect."""
+"""The `moestream` command: convert, run, demo, inspect, trace, simulate, plan."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=8, help="parallel expert reads in flight (default 8)")
     g.add_argument("--no-direct", action="store_true", help="read with the page cache instead of O_DIRECT")
     g.add_argument("--verify", action="store_true", help="check each expert record's checksum as it is read")
+    g.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"],
+                   help="which expert to evict: lru (default) or lfu (least frequently used, with aging)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +39,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0: off)")
     g.add_argument("--seed", type=int, help="random seed for sampling")
     g.add_argument("--stats-json", metavar="FILE", help="also write the stats block as JSON to FILE")
+    g.add_argument("--trace", metavar="FILE", help="record every layer's expert choices to FILE (.npz) for "
+                                                 "`moestream simulate` and `moestream plan --trace`")
+
+
+def _machine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SSD (for predicted tok/s)")
+    g.add_argument("--ssd", metavar="RATE", help="read bandwidth at the record size, e.g. 7GB/s")
+    g.add_argument("--latency", type=float, default=0.0, help="ms per round of parallel reads (default 0)")
+    g.add_argument("--probe", metavar="DIR", help="measure the SSD holding DIR with parallel O_DIRECT reads "
+                                                  "(writes and removes a 1 GiB scratch file)")
+    g.add_argument("--queue-depth", type=int, default=8, help="reads in flight (default 8, as --threads)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,6 +90,52 @@ def parser() -> argparse.ArgumentParser:
     _budget_args(d)
     d.set_defaults(max_tokens=32, cache_default="256MB")
 
+    t = sub.add_parser("trace", help="record which experts a model routes to, for simulate and plan",
+                       description="Generate from one prompt or a file of prompts (one per line, or blocks "
+                                   "separated by blank lines with --blocks) and write the routing of every token in "
+                                   "every MoE layer to a .npz trace.")
+    t.add_argument("model", metavar="MODEL", help="store, checkpoint directory or hub id")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="one prompt")
+    src.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
+    t.add_argument("--out", required=True, metavar="FILE", help="trace file to write (.npz)")
+    t.add_argument("--raw", dest="chat", action="store_false", default=None, help="no chat template")
+    _sampling_args(t)
+    _budget_args(t)
+    t.set_defaults(max_tokens=64)
+
+    sm = sub.add_parser("simulate", help="replay a trace through each cache policy and the optimum",
+                        description="Hit rate, bytes read per token and predicted decode tok/s for each cache "
+                                    "policy the runtime has, and for Belady's offline optimum (evict what is used "
+                                    "furthest in the future), at one cache size or a sweep.")
+    sm.add_argument("trace", metavar="TRACE", help="a .npz made by `moestream trace` or `run --trace`")
+    size = sm.add_mutually_exclusive_group(required=True)
+    size.add_argument("--cache", metavar="SIZE", help="expert cache size")
+    size.add_argument("--memory", metavar="SIZE", help="whole-process budget, split as the traced run split it")
+    size.add_argument("--sweep", action="store_true", help="ten cache sizes up to all experts")
+    sm.add_argument("--policies", default="lru,lfu,belady", help="comma-separated (default: lru,lfu,belady)")
+    _machine_args(sm)
+    sm.add_argument("--plot", metavar="PNG", help="draw hit rate and predicted tok/s against cache size")
+    sm.add_argument("--json", action="store_true", help="print results as JSON")
+
+    pl = sub.add_parser("plan", help="will a model fit in this memory, and how fast will it decode",
+                        description="Sizes from the model's config (nothing but config.json is downloaded), bytes "
+                                    "per expert for each storage format, the memory split, expected hit rate and "
+                                    "the decode speed range from the cost model.")
+    pl.add_argument("model", metavar="MODEL", help="preset (e.g. deepseek-v3, qwen3-30b-a3b; see --list), store, "
+                                                   "checkpoint directory, config.json, or hub id")
+    pl.add_argument("--memory", metavar="SIZE", help="whole-process budget, e.g. 32GB")
+    pl.add_argument("--experts-format", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int4", "mxfp4", "fp4"],
+                    help="storage format of the experts (default: the model's native one)")
+    pl.add_argument("--dense-format", choices=["fp32", "bf16", "fp16", "fp8"], help="format of the dense weights")
+    pl.add_argument("--context", type=int, default=4096, help="KV cache tokens to reserve (default 4096)")
+    pl.add_argument("--trace", metavar="FILE", help="take the hit rate from an LRU replay of this trace")
+    pl.add_argument("--compute-gbs", type=float, default=10.0,
+                    help="weight bytes per second the compute reaches, in GB/s (default 10)")
+    pl.add_argument("--list", action="store_true", help="list the presets and exit")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _machine_args(pl)
+
     i = sub.add_parser("inspect", help="describe a store", description="Print a store's model, layers, "
                        "record layout and sizes.")
     i.add_argument("store", metavar="STORE", help="store directory")
@@ -91,7 +150,8 @@ def _run(args, model_path: str, chat) -> int:
     if cache is None and args.memory is None:
         cache = getattr(args, "cache_default", None)
     m = load(model_path, memory=args.memory, cache=cache, device=args.device, dtype=args.dtype,
-             verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context)
+             verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
+             cache_policy=args.cache_policy, trace=bool(args.trace))
     try:
         if m.reader.fallback_reason:
             print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
@@ -107,8 +167,126 @@ def _run(args, model_path: str, chat) -> int:
         print(m.stats.format(), file=sys.stderr)
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(m.stats.to_dict(), indent=1))
+        if args.trace:
+            print(f"trace: {m.save_trace(args.trace)}", file=sys.stderr)
     finally:
         m.close()
+    return 0
+
+
+def _trace(args) -> int:
+    from .runtime import load
+
+    prompts = [args.prompt] if args.prompt else [
+        line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts in the file")
+    m = load(args.model, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype,
+             verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
+             cache_policy=args.cache_policy, trace=True)
+    try:
+        from tqdm import tqdm
+
+        for p in tqdm(prompts, desc="trace", unit="prompt", disable=len(prompts) < 2):
+            for _ in m.stream_ids(p, max_new_tokens=args.max_tokens, chat=args.chat, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+                pass
+        path = m.save_trace(args.out)
+        t = m.cache.total()
+        print(f"wrote {path}: {len(prompts)} prompt(s), hit rate {100 * t.hit_rate:.1f} % at "
+              f"{m.cache.budget / 1e6:.0f} MB ({m.cache.policy.name})")
+    finally:
+        m.close()
+    return 0
+
+
+def _machine(args, record_bytes: int, fallback=None):
+    """The cost model's SSD figures: probed, stated, or (for a trace) as observed in the traced run."""
+    from .costmodel import Machine
+    from .sizes import parse_size
+
+    if args.probe:
+        from .probe import probe
+
+        p = probe(args.probe, record_bytes, args.queue_depth)
+        return Machine(p.bandwidth, p.latency, args.queue_depth, source=p.describe())
+    if args.ssd:
+        return Machine(parse_size(args.ssd.replace("/s", ""), "--ssd"), args.latency / 1e3, args.queue_depth,
+                       source="--ssd")
+    return fallback
+
+
+def _simulate(args) -> int:
+    from .costmodel import Machine
+    from .simulate import plot, simulate, sweep_sizes
+    from .sizes import format_size, parse_size
+    from .trace import Trace
+
+    t = Trace.load(args.trace)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    record_bytes = [int(b) for b in t.record_bytes]
+    runs = [r for r in t.meta.get("runs", []) if r.get("generated_tokens", 0) > 1]
+    compute = 0.0
+    observed = None
+    if runs:
+        dec_tokens = sum(r["generated_tokens"] - 1 for r in runs)
+        dec_time = sum(r["decode_seconds"] for r in runs)
+        wait = sum(r["decode"]["wait_seconds"] for r in runs)
+        read = sum(r["decode"]["bytes_read"] for r in runs)
+        compute = max(0.0, dec_time - wait) / dec_tokens
+        if wait > 0 and read > 0:
+            observed = Machine(read / wait, 0.0, t.meta.get("threads", 8), compute,
+                               source="as observed in the traced run (bytes read / time waiting)")
+    machine = _machine(args, max(record_bytes), observed)
+    if machine is not None:
+        machine.compute = compute
+    if args.sweep:
+        sizes = sweep_sizes(t)
+    elif args.cache:
+        sizes = [parse_size(args.cache, "--cache")]
+    else:
+        plan = t.meta.get("memory_plan") or {}
+        if plan.get("memory") is None:
+            raise ValueError(f"{args.trace}: the traced run had no --memory split; use --cache")
+        fixed = plan["baseline"] + plan["dense"] + plan["kv"] + plan["work"]
+        sizes = [parse_size(args.memory, "--memory") - fixed]
+    results = [simulate(t, size, p) for p in policies for size in sizes]
+    if args.json:
+        out = [{**r.to_dict(), "predicted_tps": r.predicted_tps(machine, record_bytes) if machine else None}
+               for r in results]
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"{args.trace}: {len(t.layers)} MoE layers, {int(t.num_experts[0])} experts, top-{t.top_k}, "
+              f"{int(t.step_tokens.sum())} tokens ({t.decode_tokens} decoded)")
+        if machine:
+            print(f"cost model: SSD {machine.bandwidth / 1e9:.2f} GB/s ({machine.source}), "
+                  f"compute {machine.compute * 1e3:.1f} ms/token (measured in the traced run)")
+        print(f"{'policy':<8} {'cache':>10} {'hit rate':>9} {'GB read':>9} {'MB/token':>9} {'pred tok/s':>10}")
+        for r in results:
+            tps = f"{r.predicted_tps(machine, record_bytes):10.2f}" if machine else f"{'-':>10}"
+            print(f"{r.policy:<8} {format_size(r.cache_bytes):>10} {100 * r.hit_rate:8.1f}% "
+                  f"{r.bytes_read / 1e9:9.3f} {r.decode_bytes_per_token / 1e6:9.2f} {tps}")
+    if args.plot:
+        plot(results, args.plot, machine, record_bytes)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _plan(args) -> int:
+    from .plan import make_plan
+    from .presets import PRESETS
+
+    if args.list:
+        for name, p in PRESETS.items():
+            print(f"{name:<20} {p.hub_id:<32} experts {p.experts_format:<6} {p.card}")
+        return 0
+    if not args.memory:
+        raise ValueError("give --memory SIZE (the whole-process budget to plan for)")
+    ssd = args.ssd
+    plan = make_plan(args.model, args.memory, ssd=ssd, probe_dir=args.probe, experts_format=args.experts_format,
+                     dense_format=args.dense_format, context=args.context, trace=args.trace,
+                     compute_gbs=args.compute_gbs, queue_depth=args.queue_depth, latency=args.latency / 1e3)
+    print(json.dumps(plan.to_dict(), indent=1, default=str) if args.json else plan.format())
     return 0
 
 
@@ -144,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from .safetensors_io import CheckpointError
     from .skeleton import UnsupportedModel
     from .store import StoreError
+    from .trace import TraceError
 
     args = parser().parse_args(argv)
     try:
@@ -161,8 +340,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, str(ensure_demo_store(rebuild=args.rebuild)), False)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "trace":
+            return _trace(args)
+        if args.command == "simulate":
+            return _simulate(args)
+        if args.command == "plan":
+            return _plan(args)
     except (UnsupportedModel, CheckpointError, StoreError, RecordCorrupt, MemoryBudgetError, FileExistsError,
-            ValueError) as e:
+            FileNotFoundError, TraceError, ValueError) as e:
         print(f"moestream: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

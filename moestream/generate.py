@@ -116,7 +116,7 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
 
 
 def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
-                 cache: ExpertCache, stats: GenerationStats, eos: set[int]) -> Iterator[int]:
+                 cache: ExpertCache, stats: GenerationStats, eos: set[int], recorder=None) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids after prompt `ids`, filling `stats` as it goes."""
     if not ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -141,6 +141,8 @@ def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sa
             stats.ttft_seconds = stats.prefill_seconds = t1 - t0
             after_prefill = cache.total()
             stats.prefill = after_prefill - start
+            if recorder is not None:
+                recorder.decoding = True
             n = stats.generated_tokens = 1
             yield tok
             while n < max_new_tokens and tok not in eos:

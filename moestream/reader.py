@@ -99,6 +99,9 @@ class RecordReader:
                 )
         return time.perf_counter() - t0
 
+    def buffer(self, nbytes: int) -> AlignedBuffer:
+        return AlignedBuffer(nbytes)
+
     def submit(self, info: LayerInfo, expert: int, buf: AlignedBuffer) -> Future:
         return self.pool.submit(self.read, info, expert, buf)
 

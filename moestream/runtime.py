@@ -8,6 +8,7 @@ implementation in transformers' `ExpertsInterface`. Every `*Experts` module then
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -21,11 +22,13 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
 from .budget import MemoryPlan, plan_memory
-from .cache import ExpertCache
+from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
+from .policy import make_policy
 from .reader import RecordReader
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import LayerInfo, Store, StoreError, record_tensors
+from .trace import TraceRecorder
 
 IMPLEMENTATION = "moestream"
 
@@ -38,6 +41,7 @@ class LayerSource:
     info: LayerInfo
     device: torch.device
     dtype: torch.dtype
+    recorder: TraceRecorder | None = None
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -54,12 +58,11 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     """
     src: LayerSource = self._moestream
     final = torch.zeros_like(hidden_states)
+    if src.recorder is not None:
+        src.recorder.record(src.info.layer, top_k_index, top_k_weights)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=src.info.experts + 1).permute(2, 1, 0)
-        wanted = [e for e in torch.unique(top_k_index).tolist() if e < src.info.experts]
-    step = max(1, src.cache.capacity(src.info))
-    for start in range(0, len(wanted), step):
-        group = wanted[start : start + step]
+    for group in request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info)):
         records = src.cache.get(src.info, group)
         for e in group:
             w = record_tensors(records[e], src.info.tensors)
@@ -119,7 +122,7 @@ class StreamedModel:
     """A loaded store: `.model` is the transformers model, its experts served by `.cache`."""
 
     def __init__(self, store: Store, model: PreTrainedModel, tokenizer, cache: ExpertCache, reader: RecordReader,
-                 device: torch.device, memory: MemoryPlan, load_seconds: float):
+                 device: torch.device, memory: MemoryPlan, load_seconds: float, recorder: TraceRecorder | None = None):
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -128,6 +131,7 @@ class StreamedModel:
         self.device = device
         self.memory = memory
         self.load_seconds = load_seconds
+        self.recorder = recorder
         self.stats: GenerationStats | None = None
 
     def encode(self, prompt: str | list[int], chat: bool | None = None) -> list[int]:
@@ -159,8 +163,27 @@ class StreamedModel:
         ids = self.encode(prompt, chat)
         stats = GenerationStats(load_seconds=self.load_seconds)
         self.stats = stats
-        yield from generate_ids(self.model, ids, max_new_tokens, Sampling(**sampling), self.cache, stats,
-                                eos=self._eos() if stop_at_eos else set())
+        if self.recorder is not None:
+            self.recorder.new_sequence()
+        try:
+            yield from generate_ids(self.model, ids, max_new_tokens, Sampling(**sampling), self.cache, stats,
+                                    eos=self._eos() if stop_at_eos else set(), recorder=self.recorder)
+        finally:
+            if self.recorder is not None:
+                self.recorder.runs.append(stats.to_dict())
+
+    def save_trace(self, path: str | os.PathLike) -> Path:
+        """Write the routing recorded so far (load with trace=True) with what the planner needs to know."""
+        if self.recorder is None:
+            raise ValueError("this model was loaded without trace=True: nothing was recorded")
+        return self.recorder.save(path, {
+            "model_type": self.store.meta["model_type"], "store": str(self.store.root),
+            "source": self.store.meta["source"]["model"], "dense_bytes": self.store.dense_bytes,
+            "expert_bytes": self.store.expert_bytes, "device": str(self.device),
+            "threads": self.reader.pool._max_workers, "direct": self.reader.direct,
+            "cache_budget": self.cache.budget, "cache_policy": self.cache.policy.name,
+            "memory_plan": dataclasses.asdict(self.memory),
+        })
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool | None = None,
                **sampling) -> Iterator[str]:
@@ -191,7 +214,8 @@ class StreamedModel:
 
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
-         threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True) -> StreamedModel:
+         threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
+         cache_policy: str = "lru", trace: bool = False) -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
@@ -217,9 +241,13 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
             mod.register_parameter(p, None)
     _fill_dense(model, store, device)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
-    expert_cache = ExpertCache(reader, plan.cache)
+    expert_cache = ExpertCache(reader, plan.cache, make_policy(cache_policy))
+    recorder = None
+    if trace:
+        infos = sorted(layers.values(), key=lambda i: i.layer)
+        recorder = TraceRecorder([i.layer for i in infos], [i.experts for i in infos], [i.record_bytes for i in infos])
     for name, mod in experts.items():
-        mod._moestream = LayerSource(expert_cache, layers[name], device, dtype)
+        mod._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder)
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)
@@ -229,4 +257,5 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         tokenizer = AutoTokenizer.from_pretrained(store.root)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return StreamedModel(store, model, tokenizer, expert_cache, reader, device, plan, time.perf_counter() - t0)
+    return StreamedModel(store, model, tokenizer, expert_cache, reader, device, plan, time.perf_counter() - t0,
+                         recorder)

@@ -1,0 +1,41 @@
+"""DESIGN.md's cost model, in one place for the simulator, the planner and the benchmarks.
+
+    T_io  = sum over MoE layers of [ ceil(m / Q) * r + m * S / B ]     (m misses in that layer)
+    tok/s = 1 / (T_compute + (1 - o) * T_io)
+
+Q reads in flight, r the fixed cost of one round of parallel reads, B the SSD's bandwidth at
+the record size S and depth Q, o the share of I/O hidden behind compute (0 today: the runtime
+does not overlap reads with compute yet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Machine:
+    bandwidth: float  # bytes/s for record-sized reads at `queue_depth`
+    latency: float = 0.0  # seconds, fixed cost of one round of parallel reads (r)
+    queue_depth: int = 8  # Q
+    compute: float = 0.0  # seconds of compute per decoded token, experts resident
+    overlap: float = 0.0  # o
+    source: str = ""  # where these figures came from, for the report
+
+    def io_seconds(self, misses: list[float], record_bytes: list[int]) -> float:
+        """I/O time of one token, given its misses in each layer (fractions allowed: expected values)."""
+        t = 0.0
+        for m, s in zip(misses, record_bytes):
+            if m > 0:
+                t += math.ceil(m / self.queue_depth) * self.latency + m * s / self.bandwidth
+        return t
+
+    def token_seconds(self, misses: list[float], record_bytes: list[int]) -> float:
+        return self.compute + (1 - self.overlap) * self.io_seconds(misses, record_bytes)
+
+
+def tokens_per_second(step_seconds: list[float]) -> float:
+    """Tokens over total time (not the mean of per-token rates)."""
+    total = sum(step_seconds)
+    return len(step_seconds) / total if total > 0 else float("inf")

@@ -1,0 +1,148 @@
+"""Cache replacement policies: which resident expert to evict next.
+
+The runtime's ExpertCache and the simulator both drive these same classes, so a simulated
+hit rate is the hit rate the runtime would get. A policy only orders keys; the cache owns
+the bytes and the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterable
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class Policy:
+    name = "base"
+
+    def access(self, key: Key, hit: bool) -> None:
+        """Called for every request of `key`, in request order, before any eviction it causes."""
+
+    def insert(self, key: Key) -> None:
+        """`key` became resident."""
+
+    def remove(self, key: Key) -> None:
+        """`key` was evicted."""
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        """The resident key to evict next, never one in `pinned`; None if all are pinned."""
+        raise NotImplementedError
+
+
+class LRU(Policy):
+    """Evict the least recently used expert."""
+
+    name = "lru"
+
+    def __init__(self):
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def access(self, key: Key, hit: bool) -> None:
+        if hit:
+            self.order.move_to_end(key)
+
+    def insert(self, key: Key) -> None:
+        self.order[key] = None
+
+    def remove(self, key: Key) -> None:
+        del self.order[key]
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        return next((k for k in self.order if k not in pinned), None)
+
+
+class _HeapPolicy(Policy):
+    """Evict the resident key with the smallest priority; a lazy heap keeps that O(log n)."""
+
+    def __init__(self):
+        self.prio: dict[Key, tuple] = {}
+        self.heap: list[tuple[tuple, Key]] = []
+        self.resident: set[Key] = set()
+
+    def _set(self, key: Key, prio: tuple) -> None:
+        self.prio[key] = prio
+        if key in self.resident:
+            heapq.heappush(self.heap, (prio, key))
+
+    def insert(self, key: Key) -> None:
+        self.resident.add(key)
+        heapq.heappush(self.heap, (self.prio.get(key, ()), key))
+
+    def remove(self, key: Key) -> None:
+        self.resident.discard(key)
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        held, found = [], None
+        while self.heap:
+            prio, key = self.heap[0]
+            if key not in self.resident or self.prio.get(key, ()) != prio:
+                heapq.heappop(self.heap)  # stale entry
+            elif key in pinned:
+                held.append(heapq.heappop(self.heap))
+            else:
+                found = key
+                break
+        for item in held:
+            heapq.heappush(self.heap, item)
+        if len(self.heap) > 4 * len(self.resident) + 64:  # drop stale entries now and then
+            self.heap = [(p, k) for p, k in self.heap if k in self.resident and self.prio.get(k, ()) == p]
+            heapq.heapify(self.heap)
+        return found
+
+
+class LFU(_HeapPolicy):
+    """Evict the expert used least often, with aging: a use counts 2**(t / half_life) at request t,
+    which is exponential decay of old counts without rescaling; ties go to the least recent."""
+
+    name = "lfu"
+
+    def __init__(self, half_life: int = 4096):
+        super().__init__()
+        self.half_life = half_life
+        self.clock = 0
+        self.score: dict[Key, float] = {}
+
+    def access(self, key: Key, hit: bool) -> None:
+        self.clock += 1
+        if self.clock % (256 * self.half_life) == 0:  # keep weights far from float overflow
+            self.score = {k: v / 2.0**256 for k, v in self.score.items()}
+            self.prio = {k: (self.score[k], p[1]) for k, p in self.prio.items() if k in self.score}
+            self.heap = [(self.prio[k], k) for k in self.resident]
+            heapq.heapify(self.heap)
+        w = 2.0 ** ((self.clock % (256 * self.half_life)) / self.half_life)
+        self.score[key] = self.score.get(key, 0.0) + w
+        self._set(key, (self.score[key], self.clock))
+
+
+class Belady(_HeapPolicy):
+    """The offline optimum: evict the expert whose next request is furthest in the future.
+
+    Needs the whole request sequence in advance (from a trace), so it exists only in the simulator.
+    """
+
+    name = "belady"
+
+    def __init__(self, requests: Iterable[Key]):
+        super().__init__()
+        self.uses: dict[Key, list[int]] = {}
+        for i, k in enumerate(requests):
+            self.uses.setdefault(k, []).append(i)
+        self.ptr: dict[Key, int] = {}
+
+    def access(self, key: Key, hit: bool) -> None:
+        p = self.ptr[key] = self.ptr.get(key, 0) + 1  # uses[key][p] is the next request after this one
+        uses = self.uses.get(key, [])
+        nxt = uses[p] if p < len(uses) else float("inf")
+        self._set(key, (-nxt,))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}  # the online policies the runtime offers (--cache-policy)
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"--cache-policy {name!r}: choose one of {', '.join(POLICIES)}") from None
