@@ -124,7 +124,9 @@ def parser() -> argparse.ArgumentParser:
                                     "the decode speed range from the cost model.")
     pl.add_argument("model", metavar="MODEL", help="preset (e.g. deepseek-v3, qwen3-30b-a3b; see --list), store, "
                                                    "checkpoint directory, config.json, or hub id")
-    pl.add_argument("--memory", metavar="SIZE", help="whole-process budget, e.g. 32GB")
+    budget = pl.add_mutually_exclusive_group()
+    budget.add_argument("--memory", metavar="SIZE", help="whole-process budget, e.g. 32GB")
+    budget.add_argument("--cache", metavar="SIZE", help="plan for this expert cache size instead")
     pl.add_argument("--experts-format", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int4", "mxfp4", "fp4"],
                     help="storage format of the experts (default: the model's native one)")
     pl.add_argument("--dense-format", choices=["fp32", "bf16", "fp16", "fp8"], help="format of the dense weights")
@@ -225,18 +227,12 @@ def _simulate(args) -> int:
     t = Trace.load(args.trace)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     record_bytes = [int(b) for b in t.record_bytes]
-    runs = [r for r in t.meta.get("runs", []) if r.get("generated_tokens", 0) > 1]
-    compute = 0.0
+    timing = t.decode_timing() or {"compute": 0.0, "bandwidth": None}
+    compute = timing["compute"]
     observed = None
-    if runs:
-        dec_tokens = sum(r["generated_tokens"] - 1 for r in runs)
-        dec_time = sum(r["decode_seconds"] for r in runs)
-        wait = sum(r["decode"]["wait_seconds"] for r in runs)
-        read = sum(r["decode"]["bytes_read"] for r in runs)
-        compute = max(0.0, dec_time - wait) / dec_tokens
-        if wait > 0 and read > 0:
-            observed = Machine(read / wait, 0.0, t.meta.get("threads", 8), compute,
-                               source="as observed in the traced run (bytes read / time waiting)")
+    if timing["bandwidth"]:
+        observed = Machine(timing["bandwidth"], 0.0, t.meta.get("threads", 8), compute,
+                           source="as observed in the traced run (bytes read / time waiting)")
     machine = _machine(args, max(record_bytes), observed)
     if machine is not None:
         machine.compute = compute
@@ -280,12 +276,10 @@ def _plan(args) -> int:
         for name, p in PRESETS.items():
             print(f"{name:<20} {p.hub_id:<32} experts {p.experts_format:<6} {p.card}")
         return 0
-    if not args.memory:
-        raise ValueError("give --memory SIZE (the whole-process budget to plan for)")
-    ssd = args.ssd
-    plan = make_plan(args.model, args.memory, ssd=ssd, probe_dir=args.probe, experts_format=args.experts_format,
+    plan = make_plan(args.model, args.memory, ssd=args.ssd, probe_dir=args.probe, experts_format=args.experts_format,
                      dense_format=args.dense_format, context=args.context, trace=args.trace,
-                     compute_gbs=args.compute_gbs, queue_depth=args.queue_depth, latency=args.latency / 1e3)
+                     compute_gbs=args.compute_gbs, queue_depth=args.queue_depth, latency=args.latency / 1e3,
+                     cache=args.cache)
     print(json.dumps(plan.to_dict(), indent=1, default=str) if args.json else plan.format())
     return 0
 

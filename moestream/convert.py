@@ -26,6 +26,7 @@ from . import __version__
 from .reader import CHECKSUM, checksum
 from .safetensors_io import Checkpoint, write_safetensors
 from .skeleton import UnsupportedModel, experts_modules, expert_params, layer_index, load_config, meta_model
+from .stores import is_hub_id
 from .store import ALIGN, DENSE_FILE, FORMAT, FORMAT_VERSION, STORE_JSON, LayerInfo, dtype_name, record_layout
 
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
@@ -40,7 +41,7 @@ def resolve_source(src: str, revision: str | None = None) -> Path:
         return p
     if p.exists():
         raise UnsupportedModel(f"{src}: expected a checkpoint directory or a hub id, found a file")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", src) is None:
+    if not is_hub_id(src):
         raise UnsupportedModel(f"{src}: no such directory, and not a hub id of the form org/name")
     from huggingface_hub import snapshot_download
 

@@ -18,6 +18,7 @@ from .presets import find_preset, preset_config
 from .sizes import format_size, parse_size
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import STORE_JSON, align_up
+from .stores import is_hub_id
 
 FORMATS: dict[str, str] = {
     "fp32": "float32, 4 bytes per weight",
@@ -145,7 +146,7 @@ def resolve_model(spec: str) -> Resolved:
         p = p.parent
     if (p / "config.json").is_file():
         return Resolved(measure(load_config(str(p)), str(p)), "bf16", "bf16", f"config {p / 'config.json'}")
-    if p.exists() or "/" not in spec:
+    if not is_hub_id(spec):
         from .presets import PRESETS
         from .skeleton import UnsupportedModel
 
@@ -179,6 +180,7 @@ class Plan:
     bytes_per_token: float
     machine: Machine
     compute_seconds: float
+    compute_source: str
     tps_io_bound: float
     tps_with_compute: float
     formats: dict[str, dict]
@@ -223,14 +225,16 @@ class Plan:
             f"read per token  {self.misses_per_layer:.2f} misses per layer -> {f(self.bytes_per_token)} per token",
             f"SSD             {self.machine.bandwidth / 1e9:.2f} GB/s, {self.machine.latency * 1e3:.2f} ms per round of "
             f"{self.machine.queue_depth} reads ({self.machine.source})",
-            f"compute         {self.compute_seconds * 1e3:.1f} ms per token (assumed; --compute-gbs)",
+            f"compute         {self.compute_seconds * 1e3:.1f} ms per token ({self.compute_source})",
             f"decode          {self.tps_with_compute:.2f} .. {self.tps_io_bound:.2f} tok/s "
             "(compute not overlapped .. I/O-bound ceiling)",
         ]
         return "\n".join(lines)
 
 
-def _trace_hit_rate(trace_path: str, fraction: float, size: ModelSize, record_bytes: int) -> tuple[float, str]:
+def _trace_hit_rate(trace_path: str, fraction: float, size: ModelSize, record_bytes: int
+                    ) -> tuple[float, str, float | None]:
+    """Hit rate from an LRU replay; and, for a trace of this very model, its measured compute per token."""
     from .simulate import simulate
     from .trace import Trace
 
@@ -241,12 +245,14 @@ def _trace_hit_rate(trace_path: str, fraction: float, size: ModelSize, record_by
     cache = max(int(t.record_bytes.max()), int(total * fraction))
     r = simulate(t, cache, "lru")
     how = "this model's trace" if same else "a trace of another model, at the same cache share"
-    return r.hit_rate, f"LRU replay of {trace_path}: {how}"
+    timing = t.decode_timing() if same else None
+    return r.hit_rate, f"LRU replay of {trace_path}: {how}", timing["compute"] if timing else None
 
 
-def make_plan(spec: str, memory, ssd=None, probe_dir: str | None = None, experts_format: str | None = None,
+def make_plan(spec: str, memory=None, ssd=None, probe_dir: str | None = None, experts_format: str | None = None,
               dense_format: str | None = None, context: int = 4096, trace: str | None = None,
-              compute_gbs: float = 10.0, queue_depth: int = 8, latency: float = 0.0) -> Plan:
+              compute_gbs: float = 10.0, queue_depth: int = 8, latency: float = 0.0, cache=None) -> Plan:
+    """The plan for `memory` (whole process), or for an expert cache of `cache` bytes given directly."""
     r = resolve_model(spec)
     size = r.size
     efmt = experts_format or r.native_experts
@@ -254,7 +260,9 @@ def make_plan(spec: str, memory, ssd=None, probe_dir: str | None = None, experts
     for f_ in (efmt, dfmt):
         if f_ not in FORMATS:
             raise ValueError(f"unknown format {f_!r}: choose one of {', '.join(FORMATS)}")
-    memory = parse_size(memory, "--memory")
+    memory, cache = parse_size(memory, "--memory"), parse_size(cache, "--cache")
+    if (memory is None) == (cache is None):
+        raise ValueError("give --memory SIZE (the whole-process budget) or --cache SIZE (the expert cache)")
     record = r.record_bytes if (r.record_bytes and efmt == r.native_experts) else size.expert_bytes(efmt)
     n_experts = size.moe_layers * size.experts
     formats = {f_: {"record_bytes": size.expert_bytes(f_), "total_bytes": size.expert_bytes(f_) * n_experts}
@@ -263,6 +271,8 @@ def make_plan(spec: str, memory, ssd=None, probe_dir: str | None = None, experts
     kv = kv_cache_bytes(size.config, context, _dtype_of(dfmt))
     work = working_bytes(size.config, context)
     runtime = rss_bytes()
+    if cache is not None:
+        memory = runtime + dense + kv + work + cache
     left = memory - runtime - dense - kv - work
     cache = max(0, min(left, record * n_experts))
     cached = cache // record if record else 0
@@ -278,17 +288,22 @@ def make_plan(spec: str, memory, ssd=None, probe_dir: str | None = None, experts
                           source="--ssd" if ssd else "assumed 2 GB/s; give --ssd or --probe DIR")
 
     fraction = cached / n_experts if n_experts else 1.0
+    measured_compute = None
     if trace:
-        hit, how = _trace_hit_rate(trace, fraction, size, record)
+        hit, how, measured_compute = _trace_hit_rate(trace, fraction, size, record)
     else:
-        hit, how = min(1.0, fraction), "assumed: uniform routing, hit rate = share of experts cached"
+        hit, how = min(1.0, fraction), ("assumed: uniform routing, hit rate = share of experts cached (pessimistic "
+                                         "where routing reuses experts; --trace FILE measures it)")
     misses = size.top_k * (1 - hit)
     io = machine.io_seconds([misses] * size.moe_layers, [record] * size.moe_layers)
     active = size.dense_bytes(dfmt, touched_per_token=True) + size.moe_layers * size.top_k * record
-    compute = active / (compute_gbs * 1e9)
+    if measured_compute is not None:
+        compute, compute_source = measured_compute, "measured in the traced run"
+    else:
+        compute, compute_source = active / (compute_gbs * 1e9), f"assumed {compute_gbs:g} GB/s of weights; --compute-gbs"
     plan = Plan(size.name, r.source, efmt, dfmt, memory, context, runtime, dense, kv, work, cache, left >= record,
                 record, record * n_experts, cached, hit, how, misses, misses * record * size.moe_layers, machine,
-                compute, 1 / io if io > 0 else 1 / compute, 1 / (compute + io), formats, size)
+                compute, compute_source, 1 / io if io > 0 else 1 / compute, 1 / (compute + io), formats, size)
     return plan
 
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from .store import STORE_JSON, Store
 
 
+def is_hub_id(spec: str) -> bool:
+    """'org/name' as the Hugging Face hub spells repositories (and no local path exists by that name)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not Path(spec).expanduser().exists()
+
+
 def home() -> Path:
     """moestream's own cache folder: $MOESTREAM_HOME, else $XDG_CACHE_HOME/moestream, else ~/.cache/moestream."""
     if os.environ.get("MOESTREAM_HOME"):

@@ -111,6 +111,18 @@ class Trace:
     def decode_tokens(self) -> int:
         return int(self.step_tokens[self.step_decode].sum())
 
+    def decode_timing(self) -> dict | None:
+        """From the traced runs: compute seconds per decoded token (time not spent waiting on reads) and
+        the read throughput the run saw (bytes read over time waiting); None if nothing was decoded."""
+        runs = [r for r in self.meta.get("runs", []) if r.get("generated_tokens", 0) > 1]
+        if not runs:
+            return None
+        tokens = sum(r["generated_tokens"] - 1 for r in runs)
+        seconds = sum(r["decode_seconds"] for r in runs)
+        wait = sum(r["decode"]["wait_seconds"] for r in runs)
+        read = sum(r["decode"]["bytes_read"] for r in runs)
+        return {"compute": max(0.0, seconds - wait) / tokens, "bandwidth": read / wait if wait > 0 and read else None}
+
     def steps(self):
         """(decode?, experts of this step (tokens, layers, k)) for every forward pass, in order."""
         row = 0

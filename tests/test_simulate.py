@@ -1,0 +1,152 @@
+"""Traces, the cache simulator and the cost model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+import moestream
+from conftest import expert_bytes
+from moestream.costmodel import Machine, tokens_per_second
+from moestream.simulate import simulate, sweep_sizes
+from moestream.trace import Trace, TraceError
+
+PROMPTS = [[5, 17, 42, 99, 7, 250, 3, 61], [11, 12, 13], [300, 2, 88, 41, 19]]
+
+
+def make_trace(steps: list[list[list[int]]], num_experts: int = 4, record: int = 4096, decode=None) -> Trace:
+    """steps[s][token] = the experts each of 1 layer's tokens chose (top-k lists)."""
+    tokens = [len(s) for s in steps]
+    k = max(len(t) for s in steps for t in s)
+    experts = np.full((sum(tokens), 1, k), -1, dtype=np.int32)
+    row = 0
+    for s in steps:
+        for t in s:
+            experts[row, 0, : len(t)] = t
+            row += 1
+    n = len(steps)
+    return Trace(np.array([0]), np.array([num_experts]), np.array([record]), np.array(tokens),
+                 np.zeros(n, dtype=np.int32), np.array(decode if decode is not None else [True] * n),
+                 experts, np.zeros(experts.shape, dtype=np.float16), {})
+
+
+SEQ = [[[0]], [[1]], [[0]], [[2]], [[1]], [[0]]]  # A B A C B A, one token per step, top-1
+
+
+@pytest.mark.parametrize("policy,hits,misses,evictions,per_step", [
+    ("lru", 1, 5, 3, [1, 1, 0, 1, 1, 1]),  # A m, B m, A h, C m (evict B), B m (evict A), A m (evict C)
+    ("lfu", 2, 4, 2, [1, 1, 0, 1, 1, 0]),  # C evicts B (count 1 < A's 2), B evicts C, A hits
+    ("belady", 2, 4, 2, [1, 1, 0, 1, 0, 1]),  # C evicts A (next use 5, B's is 4), B hits, A misses
+])
+def test_hand_checked_trace(policy, hits, misses, evictions, per_step):
+    r = simulate(make_trace(SEQ), 2 * 4096, policy)
+    assert (r.hits, r.misses, r.evictions) == (hits, misses, evictions)
+    assert r.bytes_read == misses * 4096
+    assert r.decode_tokens == 6 and r.decode_misses == [[m] for m in per_step]
+
+
+def test_prefill_union_is_read_once():
+    # One prefill step of 3 tokens choosing {0,1}, {1,2}, {0,2}: 3 distinct experts, 3 misses, not 6.
+    r = simulate(make_trace([[[0, 1], [1, 2], [0, 2]]], decode=[False]), 4 * 4096, "lru")
+    assert (r.hits, r.misses) == (0, 3)
+    assert r.decode_tokens == 0
+
+
+def test_belady_is_at_least_every_policy_on_random_traces():
+    rng = random.Random(0)
+    for trial in range(30):
+        e, k = rng.choice([(8, 2), (16, 4), (32, 4)])
+        hot = rng.sample(range(e), k=max(1, e // 4))
+        steps = []
+        for _ in range(rng.randint(20, 80)):
+            n = rng.choice([1, 1, 1, 3])
+            steps.append([rng.sample(hot if rng.random() < 0.6 else range(e), k) for _ in range(n)])
+        t = make_trace(steps, num_experts=e)
+        for cap in (k, k + 1, e // 2, e - 1):
+            opt = simulate(t, cap * 4096, "belady").hits
+            for p in ("lru", "lfu"):
+                assert opt >= simulate(t, cap * 4096, p).hits, (trial, cap, p)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_simulator_equals_runtime_counters(qwen3_store, tmp_path, policy):
+    budget = expert_bytes(qwen3_store) // 4
+    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy=policy) as m:
+        for p in PROMPTS:
+            list(m.stream_ids(p, max_new_tokens=12, stop_at_eos=False))
+        path = m.save_trace(tmp_path / "t.npz")
+        runtime = {layer: c for layer, c in m.cache.layers.items()}
+    t = Trace.load(path)
+    r = simulate(t, budget, policy)
+    total = sum(runtime.values(), type(next(iter(runtime.values())))())
+    assert (r.hits, r.misses, r.evictions, r.bytes_read) == (total.hits, total.misses, total.evictions,
+                                                             total.bytes_read)
+    assert total.evictions > 0
+    # Belady on the same trace does at least as well.
+    assert simulate(t, budget, "belady").hits >= r.hits
+
+
+def test_trace_file_contents(qwen3_store, tmp_path):
+    with moestream.load(qwen3_store, cache="1MB", device="cpu", trace=True) as m:
+        for p in PROMPTS:
+            list(m.stream_ids(p, max_new_tokens=5, stop_at_eos=False))
+        path = m.save_trace(tmp_path / "t.npz")
+    t = Trace.load(path)
+    assert list(t.layers) == [0, 2] and t.top_k == 2
+    assert int(t.step_tokens.sum()) == sum(len(p) + 4 for p in PROMPTS)  # prompt + decoded (the 5th isn't fed)
+    assert t.decode_tokens == 3 * 4
+    assert sorted(set(t.step_sequence.tolist())) == [0, 1, 2]
+    assert t.experts.min() >= 0 and t.experts.max() < 8
+    w = t.weights.astype(np.float32)
+    assert (w > 0).all() and (w.sum(-1) <= 1 + 1e-3).all()  # softmax probabilities of the chosen experts
+    assert len(t.meta["runs"]) == 3 and t.meta["model_type"] == "qwen3_moe"
+
+
+def test_bad_trace_file(tmp_path):
+    with pytest.raises(TraceError, match="no such trace"):
+        Trace.load(tmp_path / "none.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(TraceError, match="not a moestream trace"):
+        Trace.load(tmp_path / "bad.npz")
+
+
+def test_cost_model_arithmetic():
+    m = Machine(bandwidth=1e9, latency=1e-3, queue_depth=2, compute=0.01)
+    # layer 1: 3 misses -> 2 rounds + 3 MB at 1 GB/s; layer 2: 1 miss -> 1 round + 1 MB
+    assert m.io_seconds([3, 1], [10**6, 10**6]) == pytest.approx(2e-3 + 3e-3 + 1e-3 + 1e-3)
+    assert m.token_seconds([3, 1], [10**6, 10**6]) == pytest.approx(0.017)
+    assert m.io_seconds([0, 0], [10**6, 10**6]) == 0
+    assert tokens_per_second([0.1, 0.3]) == pytest.approx(5.0)
+    r = simulate(make_trace(SEQ), 2 * 4096, "lru")
+    expected = tokens_per_second([m.token_seconds(x, [4096]) for x in r.decode_misses])
+    assert r.predicted_tps(m, [4096]) == pytest.approx(expected)
+
+
+def test_sweep_sizes_span_to_all_experts():
+    t = make_trace(SEQ, num_experts=4)
+    sizes = sweep_sizes(t)
+    assert sizes[-1] == 4 * 4096 and sizes[0] >= 4096 and sizes == sorted(sizes)
+
+
+def test_cli_trace_simulate_plot(qwen3_store, tmp_path):
+    from test_cli import cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f(x):\n\nimport os\nclass A:\n")
+    r = cli("trace", qwen3_store, "--prompts", prompts, "--out", tmp_path / "t.npz", "--cache", "60KB", "-n", 6,
+            "--raw")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "3 prompt(s)" in r.stdout
+    r = cli("simulate", tmp_path / "t.npz", "--sweep", "--plot", tmp_path / "s.png", "--ssd", "1GB/s")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "belady" in r.stdout and "lru" in r.stdout
+    r = cli("simulate", tmp_path / "t.npz", "--cache", "60KB", "--json")
+    rows = json.loads(r.stdout)
+    assert {x["policy"] for x in rows} == {"lru", "lfu", "belady"}
+    assert all(x["predicted_tps"] is not None for x in rows)  # SSD speed as observed in the traced run
+    r = cli("simulate", tmp_path / "missing.npz", "--cache", "1MB")
+    assert r.returncode == 2 and "no such trace" in r.stderr
