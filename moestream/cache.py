@@ -8,6 +8,8 @@ layer and summed on demand. The simulator runs this same class with a reader tha
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
 import torch
@@ -95,8 +97,9 @@ class ExpertCache:
         self.peak_used = max(self.peak_used, self.used)
         return reuse if reuse is not None else self.reader.buffer(nbytes)
 
-    def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
-        """Records (uint8 tensors) for `experts` of one layer: hits at once, misses read in parallel."""
+    def fetch(self, info: LayerInfo, experts: list[int]) -> Fetch:
+        """Start fetching `experts` of one layer: hits are ready now, misses are read in parallel and
+        can be consumed as each lands (`Fetch.arrivals`), so compute overlaps the reads still in flight."""
         if len(experts) * info.record_bytes > self.budget:
             raise MemoryError(
                 f"{len(experts)} records of {format_size(info.record_bytes)} exceed the expert cache budget "
@@ -104,41 +107,69 @@ class ExpertCache:
             )
         c = self.counters(info.layer)
         pinned = {(info.layer, e) for e in experts}
-        out: dict[int, torch.Tensor] = {}
-        pending = []
+        f = Fetch(self, info, c)
         for e in experts:
             key = (info.layer, e)
             buf = self.entries.get(key)
             self.policy.access(key, buf is not None)
             if buf is not None:
                 c.hits += 1
-                out[e] = buf.tensor
+                f.ready[e] = buf.tensor
             else:
                 c.misses += 1
                 buf = self._buffer_for(info.record_bytes, pinned)
                 self.entries[key] = buf  # reserved now so later misses in this call cannot evict it
                 self.policy.insert(key)
-                pending.append((e, buf, self.reader.submit(info, e, buf)))
-        if pending:
-            t0 = time.perf_counter()
-            try:
-                for e, buf, fut in pending:
-                    c.read_seconds += fut.result()
-                    c.bytes_read += info.record_bytes
-                    out[e] = buf.tensor
-            except BaseException:
-                for e, buf, fut in pending:  # never leave a half-read record in the cache
-                    fut.cancel()
-                    if self.entries.pop((info.layer, e), None) is not None:
-                        self.policy.remove((info.layer, e))
-                        self.used -= buf.nbytes
-                raise
-            finally:
-                c.wait_seconds += time.perf_counter() - t0
+                f.pending[self.reader.submit(info, e, buf)] = (e, buf)
+        return f
+
+    def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
+        """Records (uint8 tensors) for `experts` of one layer, all of them, once every read has landed."""
+        f = self.fetch(info, experts)
+        out = dict(f.ready)
+        out.update(f.arrivals())
         return out
+
+    def _drop(self, info: LayerInfo, e: int, buf) -> None:
+        if self.entries.pop((info.layer, e), None) is not None:
+            self.policy.remove((info.layer, e))
+            self.used -= buf.nbytes
 
     def clear(self) -> None:
         for key in list(self.entries):
             self.policy.remove(key)
         self.entries.clear()
         self.used = 0
+
+
+class Fetch:
+    """One layer's request in flight: `ready` records now, the rest as their reads complete."""
+
+    def __init__(self, cache: ExpertCache, info: LayerInfo, counters: Counters):
+        self.cache, self.info, self.counters = cache, info, counters
+        self.ready: dict[int, torch.Tensor] = {}
+        self.pending: dict[Future, tuple[int, AlignedBuffer]] = {}
+
+    def arrivals(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(expert, record) for each miss as its read lands; time blocked here counts as I/O wait.
+        A failed read removes every record of this fetch still unread, so none is left half-read."""
+        c = self.counters
+        try:
+            while self.pending:
+                t0 = time.perf_counter()
+                done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+                c.wait_seconds += time.perf_counter() - t0
+                for fut in done:
+                    e, buf = self.pending.pop(fut)
+                    try:
+                        c.read_seconds += fut.result()
+                    except BaseException:
+                        self.cache._drop(self.info, e, buf)
+                        raise
+                    c.bytes_read += self.info.record_bytes
+                    yield e, buf.tensor
+        finally:
+            for fut, (e, buf) in self.pending.items():
+                fut.cancel()
+                self.cache._drop(self.info, e, buf)
+            self.pending.clear()

@@ -71,7 +71,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate text from a prompt", description="Generate from MODEL, streaming "
                        "experts, and print statistics at the end.", epilog=EPILOG_RUN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("model", metavar="MODEL", help="store, checkpoint directory or hub id")
+    r.add_argument("model", metavar="MODEL", nargs="?",
+                   help="store, checkpoint directory or hub id (default: the bundled tiny-moe, a small "
+                        "Qwen3-MoE trained on Python's standard library)")
     r.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads standard input)")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -80,15 +82,18 @@ def parser() -> argparse.ArgumentParser:
     _sampling_args(r)
     _budget_args(r)
 
-    d = sub.add_parser("demo", help="stream a built-in random MoE (no download) and show the statistics",
-                       description="Builds once a random-weight Qwen3-MoE-shaped checkpoint (~1.2 GB of experts), "
-                                   "converts it, and generates with a 256 MB expert cache. The text is "
-                                   "meaningless (random weights); the statistics show experts streaming.")
+    d = sub.add_parser("demo", help="stream a bundled MoE (no download) and show the statistics",
+                       description="Converts the bundled tiny-moe (a small Qwen3-MoE trained on Python's standard "
+                                   "library) and writes code with an expert cache of a quarter of its experts. "
+                                   "With --random: builds once a random-weight Qwen3-MoE-shaped checkpoint (~1.2 GB "
+                                   "of experts) and generates with a 256 MB expert cache; its text is meaningless, "
+                                   "its statistics show experts streaming at volume.")
     d.add_argument("-p", "--prompt", default="def fibonacci(n):", help="prompt (default: %(default)s)")
-    d.add_argument("--rebuild", action="store_true", help="build the demo checkpoint and store again")
+    d.add_argument("--random", action="store_true", help="the 1.2 GB random-weight model instead")
+    d.add_argument("--rebuild", action="store_true", help="with --random: build the checkpoint and store again")
     _sampling_args(d)
     _budget_args(d)
-    d.set_defaults(max_tokens=32, cache_default="256MB")
+    d.set_defaults(max_tokens=48)
 
     t = sub.add_parser("trace", help="record which experts a model routes to, for simulate and plan",
                        description="Generate from one prompt or a file of prompts (one per line, or blocks "
@@ -149,8 +154,10 @@ def _run(args, model_path: str, chat) -> int:
     from .runtime import load
 
     cache = args.cache
-    if cache is None and args.memory is None:
-        cache = getattr(args, "cache_default", None)
+    if cache is None and args.memory is None and args.command == "demo":
+        from .store import Store
+
+        cache = "256MB" if args.random else Store.open(model_path).expert_bytes // 4
     m = load(model_path, memory=args.memory, cache=cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
              cache_policy=args.cache_policy, trace=bool(args.trace))
@@ -327,11 +334,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
             return 0
         if args.command == "run":
-            return _run(args, args.model, args.chat)
-        if args.command == "demo":
-            from .demo import ensure_demo_store
+            from .demo import bundled_model
 
-            return _run(args, str(ensure_demo_store(rebuild=args.rebuild)), False)
+            return _run(args, args.model or str(bundled_model()), args.chat)
+        if args.command == "demo":
+            from .demo import bundled_model, ensure_random_store
+            from .stores import ensure_store
+
+            store = ensure_random_store(rebuild=args.rebuild) if args.random else ensure_store(str(bundled_model())).root
+            return _run(args, str(store), False)
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "trace":

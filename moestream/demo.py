@@ -1,6 +1,10 @@
-"""`moestream demo`: a random-weight Qwen3-MoE-shaped checkpoint whose experts are several times the
-expert cache it then runs with, built once on this machine (no download), so a fresh install can
-see experts stream. The text it prints is meaningless: the weights are random.
+"""`moestream demo`: models that need no download.
+
+- The bundled tiny-moe: a small Qwen3-MoE trained on Python's standard library
+  (scripts/train_tiny_moe.py), shipped in the package; it writes Python-looking code.
+- `--random`: a random-weight Qwen3-MoE-shaped checkpoint with ~1.2 GB of experts, several times
+  the expert cache it then runs with, built once on this machine, so a fresh install can see
+  experts stream at volume. Its text is meaningless: the weights are random.
 """
 
 from __future__ import annotations
@@ -71,13 +75,24 @@ def build_checkpoint(out: Path, shape: dict | None = None, dtype: torch.dtype = 
     return out
 
 
+def bundled_model() -> Path:
+    """The trained tiny-moe checkpoint shipped inside the package."""
+    from importlib.resources import files
+
+    path = Path(str(files("moestream") / "data" / "tiny-moe"))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the bundled tiny-moe model is missing from this installation; "
+                                "reinstall moestream, or train it with scripts/train_tiny_moe.py")
+    return path
+
+
 def demo_paths() -> tuple[Path, Path]:
     root = home() / "demo"
     return root / "checkpoint", root / "store"
 
 
-def ensure_demo_store(rebuild: bool = False, progress: bool = True) -> Path:
-    """Build (once) the demo checkpoint and its store; returns the store path."""
+def ensure_random_store(rebuild: bool = False, progress: bool = True) -> Path:
+    """Build (once) the random demo checkpoint and its store; returns the store path."""
     from .convert import convert
 
     ckpt, store = demo_paths()

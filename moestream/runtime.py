@@ -9,6 +9,7 @@ implementation in transformers' `ExpertsInterface`. Every `*Experts` module then
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -49,6 +50,23 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return y + b if b is not None else y
 
 
+def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_states: torch.Tensor,
+                   mask: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens routed to expert `e` and their weighted outputs, computed from its stored record."""
+    w = record_tensors(record, src.info.tensors)
+    if src.device.type != "cpu" or any(t.dtype != src.dtype for t in w.values()):
+        w = {k: v.to(src.device, src.dtype, non_blocking=True) for k, v in w.items()}
+    pos, tok = torch.where(mask[e])
+    x = hidden_states[tok]
+    up = "gate_up_proj" if self.has_gate else "up_proj"
+    h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    return tok, y * top_k_weights[tok, pos, None]
+
+
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The `moestream` experts implementation: eager transformers' loop, with weights from the cache.
@@ -63,20 +81,13 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=src.info.experts + 1).permute(2, 1, 0)
     for group in request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info)):
-        records = src.cache.get(src.info, group)
-        for e in group:
-            w = record_tensors(records[e], src.info.tensors)
-            if src.device.type != "cpu" or any(t.dtype != src.dtype for t in w.values()):
-                w = {k: v.to(src.device, src.dtype, non_blocking=True) for k, v in w.items()}
-            pos, tok = torch.where(mask[e])
-            x = hidden_states[tok]
-            up = "gate_up_proj" if self.has_gate else "up_proj"
-            h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
-            if self.has_post_expert_norm:
-                y = self.post_expert_norm(y)
-            y = y * top_k_weights[tok, pos, None]
+        fetch = src.cache.fetch(src.info, group)
+        outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
+        for e, record in itertools.chain(fetch.ready.items(), fetch.arrivals()):
+            outs[e] = _expert_output(self, src, e, record, hidden_states, mask, top_k_weights)
+        for e in group:  # accumulate in ascending expert order, as transformers' eager loop does: same bits
+            tok, y = outs[e]
             final.index_add_(0, tok, y.to(final.dtype))
     return final
 

@@ -89,10 +89,10 @@ def test_convert_and_inspect(qwen3_ckpt, tmp_path):
     assert json.loads(r.stdout)["moe_layers"] == 2
 
 
-def test_demo_streams_on_a_fresh_home(tmp_path):
-    """The README's main job: builds the demo checkpoint, converts it, streams with a 256 MB expert cache."""
+def test_random_demo_streams_on_a_fresh_home(tmp_path):
+    """`demo --random`: builds the 1.2 GB random checkpoint, converts it, streams with a 256 MB expert cache."""
     stats = tmp_path / "demo.json"
-    r = cli("demo", "-n", 16, "--stats-json", stats, "--device", "cpu",
+    r = cli("demo", "--random", "-n", 16, "--stats-json", stats, "--device", "cpu",
             env={"MOESTREAM_HOME": str(tmp_path / "home")}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(stats.read_text())

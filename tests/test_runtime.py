@@ -23,16 +23,16 @@ def test_cache_never_exceeds_budget(qwen3_store, monkeypatch):
     budget = expert_bytes(qwen3_store) // 5
     with moestream.load(qwen3_store, cache=budget, device="cpu") as m:
         checks = []
-        real_get = ExpertCache.get
+        real_fetch = ExpertCache.fetch
 
-        def checked_get(self, info, experts):
-            out = real_get(self, info, experts)
+        def checked_fetch(self, info, experts):
+            out = real_fetch(self, info, experts)  # every buffer is allocated here
             assert self.used <= self.budget
             assert sum(b.nbytes for b in self.entries.values()) == self.used
             checks.append(self.used)
             return out
 
-        monkeypatch.setattr(ExpertCache, "get", checked_get)
+        monkeypatch.setattr(ExpertCache, "fetch", checked_fetch)
         for _ in m.stream_ids(PROMPT * 3, max_new_tokens=24, stop_at_eos=False):
             assert m.cache.used <= m.cache.budget  # after every decode step
         assert m.cache.peak_used <= budget
