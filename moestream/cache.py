@@ -36,6 +36,8 @@ class Counters:
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed over reader threads
     wait_seconds: float = 0.0  # time the compute thread spent blocked on reads
+    prefetched: int = 0  # reads started by the prefetcher (also counted in bytes_read)
+    prefetch_used: int = 0  # of those, requested by a layer before being evicted
 
     def __add__(self, other: Counters) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -60,6 +62,8 @@ class ExpertCache:
         self.peak_used = 0
         self.entries: dict[Key, AlignedBuffer] = {}
         self.layers: dict[int, Counters] = {}
+        self.inflight: dict[Key, Future] = {}  # prefetched reads not yet requested (running ones are pinned)
+        self.unused_prefetch: set[Key] = set()
 
     def capacity(self, info: LayerInfo) -> int:
         """How many records of this layer fit at once."""
@@ -80,6 +84,9 @@ class ExpertCache:
     def _buffer_for(self, nbytes: int, pinned: set[tuple[int, int]]) -> AlignedBuffer:
         """Make room for `nbytes` by evicting unpinned LRU entries; reuse an evicted buffer if it fits."""
         reuse = None
+        running = {k for k, f in self.inflight.items() if not f.done()}
+        if running:  # a buffer being read into cannot be handed to another read
+            pinned = pinned | running
         while self.used + nbytes > self.budget:
             key = self.policy.victim(pinned)
             if key is None:
@@ -89,6 +96,8 @@ class ExpertCache:
                 )
             buf = self.entries.pop(key)
             self.policy.remove(key)
+            self.unused_prefetch.discard(key)
+            self.inflight.pop(key, None)
             self.used -= buf.nbytes
             self.counters(key[0]).evictions += 1
             if reuse is None and buf.nbytes == nbytes:
@@ -114,14 +123,42 @@ class ExpertCache:
             self.policy.access(key, buf is not None)
             if buf is not None:
                 c.hits += 1
-                f.ready[e] = buf.tensor
+                if key in self.unused_prefetch:
+                    self.unused_prefetch.discard(key)
+                    c.prefetch_used += 1
+                inflight = self.inflight.pop(key, None)
+                if inflight is not None:
+                    f.pending[inflight] = (e, buf, False)  # prefetched: wait for (or check) its read
+                else:
+                    f.ready[e] = buf.tensor
             else:
                 c.misses += 1
                 buf = self._buffer_for(info.record_bytes, pinned)
                 self.entries[key] = buf  # reserved now so later misses in this call cannot evict it
                 self.policy.insert(key)
-                f.pending[self.reader.submit(info, e, buf)] = (e, buf)
+                f.pending[self.reader.submit(info, e, buf)] = (e, buf, True)
         return f
+
+    def prefetch(self, info: LayerInfo, experts: list[int], keep: list[tuple[int, int]]) -> None:
+        """Start reading guessed experts of a coming layer; never evicts `keep` or other reads in flight.
+        Prefetch only loads records: results cannot change, only where time goes."""
+        c = self.counters(info.layer)
+        room = self.capacity(info) - len(keep) - sum(not f.done() for f in self.inflight.values())
+        pinned = set(keep)
+        for e in experts[: max(0, room)]:
+            key = (info.layer, e)
+            if key in self.entries:
+                continue
+            try:
+                buf = self._buffer_for(info.record_bytes, pinned | {(info.layer, x) for x in experts})
+            except MemoryError:
+                return  # nothing evictable now: skip the guess
+            self.entries[key] = buf
+            self.policy.insert(key)
+            c.prefetched += 1
+            c.bytes_read += info.record_bytes
+            self.unused_prefetch.add(key)
+            self.inflight[key] = self.reader.submit(info, e, buf)
 
     def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
         """Records (uint8 tensors) for `experts` of one layer, all of them, once every read has landed."""
@@ -131,14 +168,22 @@ class ExpertCache:
         return out
 
     def _drop(self, info: LayerInfo, e: int, buf) -> None:
-        if self.entries.pop((info.layer, e), None) is not None:
-            self.policy.remove((info.layer, e))
+        key = (info.layer, e)
+        if self.entries.pop(key, None) is not None:
+            self.policy.remove(key)
+            self.unused_prefetch.discard(key)
+            self.inflight.pop(key, None)
             self.used -= buf.nbytes
 
     def clear(self) -> None:
+        for fut in self.inflight.values():
+            fut.cancel()
+        wait(list(self.inflight.values()))
         for key in list(self.entries):
             self.policy.remove(key)
         self.entries.clear()
+        self.inflight.clear()
+        self.unused_prefetch.clear()
         self.used = 0
 
 
@@ -148,7 +193,7 @@ class Fetch:
     def __init__(self, cache: ExpertCache, info: LayerInfo, counters: Counters):
         self.cache, self.info, self.counters = cache, info, counters
         self.ready: dict[int, torch.Tensor] = {}
-        self.pending: dict[Future, tuple[int, AlignedBuffer]] = {}
+        self.pending: dict[Future, tuple[int, AlignedBuffer, bool]] = {}  # (expert, buffer, a miss of ours?)
 
     def arrivals(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(expert, record) for each miss as its read lands; time blocked here counts as I/O wait.
@@ -160,16 +205,18 @@ class Fetch:
                 done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
                 c.wait_seconds += time.perf_counter() - t0
                 for fut in done:
-                    e, buf = self.pending.pop(fut)
+                    e, buf, ours = self.pending.pop(fut)
                     try:
-                        c.read_seconds += fut.result()
+                        seconds = fut.result()
                     except BaseException:
                         self.cache._drop(self.info, e, buf)
                         raise
-                    c.bytes_read += self.info.record_bytes
+                    if ours:  # a prefetched read was counted when the prefetcher started it
+                        c.read_seconds += seconds
+                        c.bytes_read += self.info.record_bytes
                     yield e, buf.tensor
         finally:
-            for fut, (e, buf) in self.pending.items():
+            for fut, (e, buf, _) in self.pending.items():
                 fut.cancel()
                 self.cache._drop(self.info, e, buf)
             self.pending.clear()

@@ -27,6 +27,9 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=8, help="parallel expert reads in flight (default 8)")
     g.add_argument("--no-direct", action="store_true", help="read with the page cache instead of O_DIRECT")
     g.add_argument("--verify", action="store_true", help="check each expert record's checksum as it is read")
+    g.add_argument("--prefetch", default="none", choices=["none", "lookahead"],
+                   help="lookahead: apply the next layer's router to this layer's input and start reading the "
+                        "experts it would pick (only loads; results are unchanged). Default none")
     g.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"],
                    help="which expert to evict: lru (default) or lfu (least frequently used, with aging)")
 
@@ -96,9 +99,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(max_tokens=48)
 
     t = sub.add_parser("trace", help="record which experts a model routes to, for simulate and plan",
-                       description="Generate from one prompt or a file of prompts (one per line, or blocks "
-                                   "separated by blank lines with --blocks) and write the routing of every token in "
-                                   "every MoE layer to a .npz trace.")
+                       description="Generate from one prompt or a file of prompts (one per line) and write the "
+                                   "routing of every token in every MoE layer, with the run's timings, to a .npz.")
     t.add_argument("model", metavar="MODEL", help="store, checkpoint directory or hub id")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="one prompt")
@@ -160,7 +162,7 @@ def _run(args, model_path: str, chat) -> int:
         cache = "256MB" if args.random else Store.open(model_path).expert_bytes // 4
     m = load(model_path, memory=args.memory, cache=cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
-             cache_policy=args.cache_policy, trace=bool(args.trace))
+             cache_policy=args.cache_policy, trace=bool(args.trace), prefetch=args.prefetch)
     try:
         if m.reader.fallback_reason:
             print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
@@ -192,7 +194,7 @@ def _trace(args) -> int:
         raise ValueError(f"{args.prompts}: no prompts in the file")
     m = load(args.model, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
-             cache_policy=args.cache_policy, trace=True)
+             cache_policy=args.cache_policy, trace=True, prefetch=args.prefetch)
     try:
         from tqdm import tqdm
 

@@ -32,19 +32,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 4096, files: int = 40):
-    """A byte-level BPE tokenizer trained on a few files of Python's own standard library."""
+def stdlib_texts(files: int) -> list[str]:
+    """The first `files` top-level modules of Python's standard library: text every machine has."""
+    paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:files]
+    return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 4096, files: int = 40):
+    """A byte-level BPE tokenizer with a small chat template, trained on `texts` (default: stdlib files)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:files]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(corpus, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts if texts is not None else stdlib_texts(files), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
 

@@ -43,6 +43,7 @@ class LayerSource:
     device: torch.device
     dtype: torch.dtype
     recorder: TraceRecorder | None = None
+    lookahead: tuple[LayerInfo, torch.Tensor] | None = None  # the next MoE layer and its router's weight
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -67,6 +68,17 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
     return tok, y * top_k_weights[tok, pos, None]
 
 
+def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group: list[int]) -> None:
+    """Guess the next MoE layer's experts by applying its router to this layer's input, and start
+    their reads now, behind this layer's own (a guess only loads records; it cannot change results)."""
+    info, weight = src.lookahead
+    with torch.no_grad():
+        guess = torch.topk(hidden_states.to(weight.dtype) @ weight.T, k, dim=-1).indices
+        ids, counts = torch.unique(guess, return_counts=True)
+    order = ids[torch.argsort(counts, descending=True, stable=True)].tolist()
+    src.cache.prefetch(info, order, keep=[(src.info.layer, e) for e in group])
+
+
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The `moestream` experts implementation: eager transformers' loop, with weights from the cache.
@@ -80,8 +92,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         src.recorder.record(src.info.layer, top_k_index, top_k_weights)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=src.info.experts + 1).permute(2, 1, 0)
-    for group in request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info)):
+    for i, group in enumerate(request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info))):
         fetch = src.cache.fetch(src.info, group)
+        if i == 0 and src.lookahead is not None:
+            _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)
         outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
         for e, record in itertools.chain(fetch.ready.items(), fetch.arrivals()):
@@ -93,6 +107,18 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
 
 ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+
+
+def _router_weight(model: PreTrainedModel, experts_name: str, num_experts: int) -> torch.Tensor:
+    """The router beside an experts module: the sibling with a (num_experts, hidden) weight."""
+    parent = model.get_submodule(experts_name.rsplit(".", 1)[0])
+    hidden = model.config.get_text_config().hidden_size
+    for name, child in parent.named_children():
+        w = getattr(child, "weight", None)
+        if name != experts_name.rsplit(".", 1)[1] and isinstance(w, torch.Tensor) and tuple(w.shape) == (
+                num_experts, hidden):
+            return w
+    raise StoreError(f"--prefetch lookahead: no router found beside {experts_name}")
 
 
 def default_device() -> torch.device:
@@ -226,7 +252,7 @@ class StreamedModel:
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
-         cache_policy: str = "lru", trace: bool = False) -> StreamedModel:
+         cache_policy: str = "lru", trace: bool = False, prefetch: str = "none") -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
@@ -257,8 +283,14 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     if trace:
         infos = sorted(layers.values(), key=lambda i: i.layer)
         recorder = TraceRecorder([i.layer for i in infos], [i.experts for i in infos], [i.record_bytes for i in infos])
-    for name, mod in experts.items():
-        mod._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder)
+    if prefetch not in ("none", "lookahead"):
+        raise ValueError(f"--prefetch {prefetch!r}: choose none or lookahead")
+    names = sorted(experts, key=lambda n: layers[n].layer)
+    for i, name in enumerate(names):
+        ahead = None
+        if prefetch == "lookahead" and i + 1 < len(names):
+            ahead = (layers[names[i + 1]], _router_weight(model, names[i + 1], layers[names[i + 1]].experts))
+        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead)
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)

@@ -38,23 +38,6 @@ def held_out(path: Path) -> bool:
     return int(hashlib.sha1(path.name.encode()).hexdigest(), 16) % 20 == 0
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from moestream.demo import CHAT_TEMPLATE
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
-
-
 def encode(tokenizer, texts: list[str]) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -101,6 +84,8 @@ def main() -> None:
 
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    from moestream.demo import build_tokenizer
+
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -110,7 +95,7 @@ def main() -> None:
     test_files = [f for f in files if held_out(f)]
     read = lambda fs: [f.read_text(encoding="utf-8", errors="replace") for f in fs]  # noqa: E731
     train_text, test_text = read(train_files), read(test_files)
-    tokenizer = train_tokenizer(train_text, args.vocab)
+    tokenizer = build_tokenizer(train_text, args.vocab)
     train, test = encode(tokenizer, train_text), encode(tokenizer, test_text)
     baseline = unigram_loss(train, test, len(tokenizer))
     print(f"corpus: {len(train_files)} train files ({len(train)} tokens), {len(test_files)} held-out files "

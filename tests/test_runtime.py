@@ -181,3 +181,40 @@ def test_python_api_text(qwen3_store):
         for k in ("ttft_seconds", "prefill_tps", "decode_tps", "hit_rate", "bytes_read", "read_mb_s",
                   "io_wait_share", "peak_rss"):
             assert k in d
+
+
+def test_prefetch_only_loads(qwen3_store, monkeypatch):
+    """--prefetch lookahead starts reads early; tokens and logits are the same bits as without it."""
+    budget = expert_bytes(qwen3_store) // 2
+    runs = {}
+    for mode in ("none", "lookahead"):
+        with moestream.load(qwen3_store, cache=budget, device="cpu", prefetch=mode) as m:
+            with torch.no_grad():
+                logits = m.model(torch.tensor([PROMPT])).logits
+            m.cache.clear()
+            used = []
+            tokens = []
+            for t in m.stream_ids(PROMPT, max_new_tokens=24, stop_at_eos=False):
+                tokens.append(t)
+                used.append(m.cache.used)
+            assert max(used) <= budget and m.cache.peak_used <= budget
+            runs[mode] = (logits, tokens, m.cache.total())
+    assert torch.equal(runs["none"][0], runs["lookahead"][0])
+    assert runs["none"][1] == runs["lookahead"][1]
+    c = runs["lookahead"][2]
+    assert c.prefetched > 0 and 0 <= c.prefetch_used <= c.prefetched
+    assert runs["none"][2].prefetched == 0
+
+
+def test_prefetched_corrupt_record_is_still_caught(qwen3_store, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(qwen3_store, bad)
+    info = Store.open(bad).layers[1]  # the second MoE layer: the one the prefetcher reads ahead
+    path = bad / info.path
+    data = bytearray(path.read_bytes())
+    for e in range(info.experts):
+        data[e * info.record_bytes + 8] ^= 0x55
+    path.write_bytes(bytes(data))
+    with moestream.load(bad, cache="1MB", device="cpu", verify=True, prefetch="lookahead") as m:
+        with pytest.raises(RecordCorrupt, match=f"layer {info.layer}"):
+            m.model(torch.tensor([PROMPT]))
