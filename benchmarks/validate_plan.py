@@ -194,7 +194,7 @@ def write_markdown(r: dict, path: Path) -> None:
               "--ssd B --latency r --trace heldout.npz`, which uses the replay's mean hit rate for every layer and "
               "token and the compute time measured in that trace. predicted (uniform): `moestream "
               "plan` without a trace (hit rate = share of experts cached). Error = predicted / measured - 1. "
-              "Reads are O_DIRECT; the runtime does not overlap reads with compute yet (o = 0).", MARK]
+              "Reads are O_DIRECT; predictions take o = 0 (no I/O hidden behind compute).", MARK]
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = "\n".join(lines)
     if MARK in text:

@@ -4,8 +4,9 @@
     tok/s = 1 / (T_compute + (1 - o) * T_io)
 
 Q reads in flight, r the fixed cost of one round of parallel reads, B the SSD's bandwidth at
-the record size S and depth Q, o the share of I/O hidden behind compute (0 today: the runtime
-does not overlap reads with compute yet).
+the record size S and depth Q, o the share of I/O hidden behind compute. The runtime computes a
+layer's cached experts while its misses are read, which hides at most that compute; predictions
+use o = 0, the conservative end.
 """
 
 from __future__ import annotations
