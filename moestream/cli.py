@@ -145,9 +145,12 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     _machine_args(pl)
 
-    i = sub.add_parser("inspect", help="describe a store", description="Print a store's model, layers, "
-                       "record layout and sizes.")
-    i.add_argument("store", metavar="STORE", help="store directory")
+    i = sub.add_parser("inspect", help="describe a store, checkpoint or hub model (config only)",
+                       description="For a store: its model, layers, record layout and sizes. For a checkpoint "
+                                   "directory, hub id (only config.json is downloaded) or preset: the family, MoE "
+                                   "layers, experts, top-k, shared experts, dense bytes, bytes per stored expert, "
+                                   "the weights' format and whether moestream can stream it.")
+    i.add_argument("store", metavar="MODEL", help="store, checkpoint directory, hub id or preset")
     i.add_argument("--json", action="store_true", help="print store.json's summary as JSON")
     return ap
 
@@ -293,10 +296,48 @@ def _plan(args) -> int:
     return 0
 
 
+def _inspect_model(args) -> int:
+    """A model that is not a store: sizes from its config, and whether it can be streamed."""
+    from .plan import resolve_model
+    from .sizes import format_size
+    from .skeleton import UnsupportedModel, check_weights_supported
+
+    r = resolve_model(args.store)
+    size = r.size
+    fmt = r.native_experts
+    try:
+        check_weights_supported(size.config, args.store)
+        supported, why = True, "yes: streamed exactly from its bf16/fp16/fp32 weights"
+    except UnsupportedModel as e:
+        supported, why = False, f"no: {e}"
+    if r.source.startswith("preset") and fmt not in ("bf16", "fp16", "fp32"):
+        supported, why = False, f"no: its experts ship as {fmt}, which moestream does not read yet"
+    summary = {"model": size.name, "model_type": size.model_type, "source": r.source,
+               "parameters": size.total_params, "dense_parameters": size.dense_params, "moe_layers": size.moe_layers,
+               "experts": size.experts, "top_k": size.top_k, "shared_experts": size.shared_experts,
+               "expert_parameters": size.expert_params, "experts_format": fmt, "dense_format": r.native_dense,
+               "dense_bytes": size.dense_bytes(r.native_dense), "expert_bytes": size.expert_bytes(fmt),
+               "supported": supported, "why": why}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{size.name} ({size.model_type}), from {r.source}")
+    print(f"  parameters    {size.total_params / 1e9:.2f} B: dense {size.dense_params / 1e9:.2f} B, "
+          f"{size.moe_layers} MoE layers x {size.experts} experts of {size.expert_params / 1e6:.2f} M, top-{size.top_k}"
+          + (f", {size.shared_experts} shared" if size.shared_experts else ""))
+    print(f"  dense         {format_size(summary['dense_bytes'])} as {r.native_dense}")
+    print(f"  experts       {format_size(summary['expert_bytes'])} per stored expert as {fmt}, "
+          f"{format_size(summary['expert_bytes'] * size.moe_layers * size.experts)} in all")
+    print(f"  supported     {why}")
+    return 0
+
+
 def _inspect(args) -> int:
     from .sizes import format_size
-    from .store import Store
+    from .store import STORE_JSON, Store
 
+    if not (Path(args.store).expanduser() / STORE_JSON).is_file():
+        return _inspect_model(args)
     s = Store.open(args.store)
     summary = {
         "store": str(s.root), "model_type": s.meta["model_type"], "architecture": s.meta["architecture"],

@@ -25,7 +25,7 @@ from transformers.core_model_loading import WeightConverter, rename_source_key
 from . import __version__
 from .reader import CHECKSUM, checksum
 from .safetensors_io import Checkpoint, write_safetensors
-from .skeleton import UnsupportedModel, experts_modules, expert_params, layer_index, load_config, meta_model
+from .skeleton import UnsupportedModel, check_weights_supported, experts_modules, expert_params, layer_index, load_config, meta_model
 from .stores import is_hub_id
 from .store import ALIGN, DENSE_FILE, FORMAT, FORMAT_VERSION, STORE_JSON, LayerInfo, dtype_name, record_layout
 
@@ -235,6 +235,7 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     src_dir = resolve_source(src, revision)
     config = load_config(str(src_dir))
+    check_weights_supported(config, str(src_dir))
     model = meta_model(config)
     ckpt = Checkpoint(src_dir)
     plan = _Plan(model, ckpt)

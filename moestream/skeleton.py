@@ -23,6 +23,25 @@ def load_config(path: str) -> PretrainedConfig:
         raise UnsupportedModel(f"{path}: no readable config.json ({e})") from e
 
 
+def quantization(config: PretrainedConfig) -> str | None:
+    """The checkpoint's quantisation method from config.json (fp8, mxfp4, compressed-tensors, ...), or None."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    return str(q.get("quant_method") or q.get("format") or "unknown")
+
+
+def check_weights_supported(config: PretrainedConfig, path: str) -> None:
+    """Refuse quantised checkpoints for now: reading their scales as plain weights would be silently wrong."""
+    method = quantization(config)
+    if method is not None:
+        raise UnsupportedModel(
+            f"{path}: the checkpoint is quantised ({method}); moestream reads bf16, fp16 and fp32 checkpoints so "
+            "far (native FP8, MXFP4, INT4 and FP4 experts are planned). Convert a bf16 copy of the model instead."
+        )
+
+
 def meta_model(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The causal-LM model for `config` on the meta device (no weights allocated)."""
     try:

@@ -87,6 +87,11 @@ def test_convert_and_inspect(qwen3_ckpt, tmp_path):
     assert r.returncode == 0 and "qwen3_moe" in r.stdout and "gate_up_proj" in r.stdout
     r = cli("inspect", out, "--json")
     assert json.loads(r.stdout)["moe_layers"] == 2
+    r = cli("inspect", qwen3_ckpt, "--json")  # a checkpoint: sizes from its config, no conversion
+    d = json.loads(r.stdout)
+    assert (d["moe_layers"], d["experts"], d["top_k"], d["supported"]) == (2, 8, 2, True)
+    r = cli("inspect", "deepseek-v3")
+    assert r.returncode == 0 and "fp8" in r.stdout and "supported     no" in r.stdout
 
 
 def test_random_demo_streams_on_a_fresh_home(tmp_path):

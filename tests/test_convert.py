@@ -188,3 +188,16 @@ def test_peak_memory_is_about_one_expert_not_the_model(qwen3_ckpt, tmp_path, mon
     per_expert = 3 * 64 * 48
     assert seen and max(seen) == per_expert
     assert os.path.isdir(tmp_path / "s")
+
+
+def test_quantised_checkpoint_is_refused_not_misread(qwen3_ckpt, tmp_path):
+    import shutil
+
+    d = tmp_path / "fp8"
+    shutil.copytree(qwen3_ckpt, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModel, match=r"quantised \(fp8\)"):
+        conv.convert(str(d), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
