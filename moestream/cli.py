@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--rebuild", action="store_true", help="with --random: build the checkpoint and store again")
     _sampling_args(d)
     _budget_args(d)
-    d.set_defaults(max_tokens=48)
+    d.set_defaults(max_tokens=64, temperature=0.5, top_k=40, seed=0)
 
     t = sub.add_parser("trace", help="record which experts a model routes to, for simulate and plan",
                        description="Generate from one prompt or a file of prompts (one per line) and write the "
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("model", metavar="MODEL", help="store, checkpoint directory or hub id")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="one prompt")
-    src.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
+    src.add_argument("--prompts", metavar="FILE", help="prompts, one per line; \\n in a line is a newline")
     t.add_argument("--out", required=True, metavar="FILE", help="trace file to write (.npz)")
     t.add_argument("--raw", dest="chat", action="store_false", default=None, help="no chat template")
     _sampling_args(t)
@@ -192,7 +192,8 @@ def _trace(args) -> int:
     from .runtime import load
 
     prompts = [args.prompt] if args.prompt else [
-        line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        line.replace("\\n", "\n").replace("\\t", "\t")
+        for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts in the file")
     m = load(args.model, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype,

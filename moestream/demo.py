@@ -13,6 +13,7 @@ import glob
 import multiprocessing
 import os
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def ensure_random_store(rebuild: bool = False, progress: bool = True) -> Path:
     if not (ckpt / "config.json").is_file():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         if progress:
-            print(f"building the demo checkpoint (random weights, ~1.2 GB of experts) in {ckpt}", flush=True)
+            print(f"building the demo checkpoint (random weights, ~1.2 GB of experts) in {ckpt}", file=sys.stderr,
+                  flush=True)
         # In a child process, so the memory it takes is not in this run's peak RSS.
         proc = multiprocessing.get_context("spawn").Process(target=build_checkpoint, args=(ckpt,))
         proc.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 
 from .store import STORE_JSON, Store
@@ -41,6 +42,6 @@ def ensure_store(src: str, progress: bool = True) -> Store:
     if (out / STORE_JSON).is_file():
         return Store.open(out)
     if progress:
-        print(f"converting {src} into {out} (once)", flush=True)
+        print(f"converting {src} into {out} (once)", file=sys.stderr, flush=True)
     convert(src, out, progress=progress)
     return Store.open(out)

@@ -54,11 +54,11 @@ def test_run_checkpoint_converts_once_into_cache(qwen3_ckpt, tmp_path):
     env = {"MOESTREAM_HOME": str(tmp_path / "home")}
     r = cli("run", qwen3_ckpt, "-p", "hello", "-n", 4, "--cache", "100KB", env=env)
     assert r.returncode == 0, r.stderr
-    assert "converting" in r.stdout
+    assert "converting" in r.stderr
     stores = list((tmp_path / "home" / "stores").iterdir())
     assert len(stores) == 1 and (stores[0] / "store.json").is_file()
     r = cli("run", qwen3_ckpt, "-p", "hello", "-n", 4, "--cache", "100KB", env=env)
-    assert r.returncode == 0 and "converting" not in r.stdout
+    assert r.returncode == 0 and "converting" not in r.stderr
 
 
 def test_run_memory_too_small_is_a_clear_error(qwen3_store):
