@@ -32,6 +32,13 @@ class Machine:
                 t += math.ceil(m / self.queue_depth) * self.latency + m * s / self.bandwidth
         return t
 
+    def expected_io_seconds(self, k: int, miss_rate: float, record_bytes: int, layers: int) -> float:
+        """Expected I/O time of one token when each of a layer's k experts misses independently with
+        `miss_rate`: rounds are averaged over the binomial number of misses, not taken at the mean."""
+        rounds = sum(math.comb(k, m) * miss_rate**m * (1 - miss_rate) ** (k - m) * math.ceil(m / self.queue_depth)
+                     for m in range(k + 1))
+        return layers * (rounds * self.latency + k * miss_rate * record_bytes / self.bandwidth)
+
     def token_seconds(self, misses: list[float], record_bytes: list[int]) -> float:
         return self.compute + (1 - self.overlap) * self.io_seconds(misses, record_bytes)
 

@@ -234,7 +234,8 @@ class Plan:
 
 def _trace_hit_rate(trace_path: str, fraction: float, size: ModelSize, record_bytes: int
                     ) -> tuple[float, str, float | None]:
-    """Hit rate from an LRU replay; and, for a trace of this very model, its measured compute per token."""
+    """Decode hit rate from an LRU replay (prefill's first touches left out, as they do not recur per
+    token); and, for a trace of this very model, its measured compute per token."""
     from .simulate import simulate
     from .trace import Trace
 
@@ -246,7 +247,8 @@ def _trace_hit_rate(trace_path: str, fraction: float, size: ModelSize, record_by
     r = simulate(t, cache, "lru")
     how = "this model's trace" if same else "a trace of another model, at the same cache share"
     timing = t.decode_timing() if same else None
-    return r.hit_rate, f"LRU replay of {trace_path}: {how}", timing["compute"] if timing else None
+    hit = r.decode_hit_rate if r.decode_tokens else r.hit_rate
+    return hit, f"LRU replay of {trace_path} while decoding: {how}", timing["compute"] if timing else None
 
 
 def make_plan(spec: str, memory=None, ssd=None, probe_dir: str | None = None, experts_format: str | None = None,
@@ -295,7 +297,7 @@ def make_plan(spec: str, memory=None, ssd=None, probe_dir: str | None = None, ex
         hit, how = min(1.0, fraction), ("assumed: uniform routing, hit rate = share of experts cached (pessimistic "
                                          "where routing reuses experts; --trace FILE measures it)")
     misses = size.top_k * (1 - hit)
-    io = machine.io_seconds([misses] * size.moe_layers, [record] * size.moe_layers)
+    io = machine.expected_io_seconds(size.top_k, 1 - hit, record, size.moe_layers)
     active = size.dense_bytes(dfmt, touched_per_token=True) + size.moe_layers * size.top_k * record
     if measured_compute is not None:
         compute, compute_source = measured_compute, "measured in the traced run"

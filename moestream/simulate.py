@@ -62,12 +62,18 @@ class SimResult:
     evictions: int = 0
     bytes_read: int = 0
     decode_tokens: int = 0
+    decode_requests: int = 0  # expert requests made while decoding (each layer's union, per token)
     decode_bytes: int = 0
     decode_misses: list[list[int]] = field(default_factory=list)  # per decode step, per layer
 
     @property
     def hit_rate(self) -> float:
         return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    @property
+    def decode_hit_rate(self) -> float:
+        misses = sum(sum(m) for m in self.decode_misses)
+        return 1 - misses / self.decode_requests if self.decode_requests else 0.0
 
     @property
     def decode_bytes_per_token(self) -> float:
@@ -79,6 +85,7 @@ class SimResult:
     def to_dict(self) -> dict:
         return {"policy": self.policy, "cache_bytes": self.cache_bytes, "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions, "bytes_read": self.bytes_read, "hit_rate": self.hit_rate,
+                "decode_hit_rate": self.decode_hit_rate,
                 "decode_tokens": self.decode_tokens, "decode_bytes_per_token": self.decode_bytes_per_token}
 
 
@@ -95,15 +102,17 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru") -> Si
     result = SimResult(policy.name, cache_bytes)
     infos = _infos(trace)
     for decode, experts in trace.steps():
-        misses = []
+        misses, asked = [], 0
         for c, info in enumerate(infos):
             counters = cache.counters(info.layer)
             before = counters.misses
             for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, cache.capacity(info)):
                 cache.get(info, group)
+                asked += len(group)
             misses.append(counters.misses - before)
         if decode:
             result.decode_tokens += experts.shape[0]
+            result.decode_requests += asked
             result.decode_misses.append(misses)
             result.decode_bytes += sum(m * info.record_bytes for m, info in zip(misses, infos))
     total = cache.total()

@@ -150,3 +150,17 @@ def test_cli_trace_simulate_plot(qwen3_store, tmp_path):
     assert all(x["predicted_tps"] is not None for x in rows)  # SSD speed as observed in the traced run
     r = cli("simulate", tmp_path / "missing.npz", "--cache", "1MB")
     assert r.returncode == 2 and "no such trace" in r.stderr
+
+
+def test_expected_io_averages_rounds_over_the_binomial():
+    m = Machine(bandwidth=1e9, latency=1e-3, queue_depth=2)
+    # k = 2, miss rate 0.5: P(0) = .25, P(1) = .5, P(2) = .25 -> 0.75 rounds; 1 expected miss of 1 MB.
+    assert m.expected_io_seconds(2, 0.5, 10**6, 3) == pytest.approx(3 * (0.75e-3 + 1e-3))
+    assert m.expected_io_seconds(4, 0.0, 10**6, 3) == 0
+
+
+def test_decode_hit_rate_leaves_out_prefill():
+    # Prefill touches 0..3 (4 compulsory misses); decode then asks for 0 and 1 only: all hits.
+    t = make_trace([[[0], [1], [2], [3]], [[0]], [[1]]], decode=[False, True, True])
+    r = simulate(t, 4 * 4096, "lru")
+    assert r.hit_rate == pytest.approx(2 / 6) and r.decode_hit_rate == 1.0 and r.decode_requests == 2
