@@ -245,7 +245,7 @@ def _simulate(args) -> int:
     observed = None
     if timing["bandwidth"]:
         observed = Machine(timing["bandwidth"], 0.0, t.meta.get("threads", 8), compute,
-                           source="as observed in the traced run (bytes read / time waiting)")
+                           source="per-read throughput in the traced run, conservative; --probe DIR measures")
     machine = _machine(args, max(record_bytes), observed)
     if machine is not None:
         machine.compute = compute

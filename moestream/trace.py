@@ -113,7 +113,8 @@ class Trace:
 
     def decode_timing(self) -> dict | None:
         """From the traced runs: compute seconds per decoded token (time not spent waiting on reads) and
-        the read throughput the run saw (bytes read over time waiting); None if nothing was decoded."""
+        a conservative read bandwidth (bytes over the summed duration of single reads, as if one at a
+        time); None if nothing was decoded."""
         runs = [r for r in self.meta.get("runs", []) if r.get("generated_tokens", 0) > 1]
         if not runs:
             return None
@@ -121,7 +122,8 @@ class Trace:
         seconds = sum(r["decode_seconds"] for r in runs)
         wait = sum(r["decode"]["wait_seconds"] for r in runs)
         read = sum(r["decode"]["bytes_read"] for r in runs)
-        return {"compute": max(0.0, seconds - wait) / tokens, "bandwidth": read / wait if wait > 0 and read else None}
+        busy = sum(r["decode"]["read_seconds"] for r in runs)
+        return {"compute": max(0.0, seconds - wait) / tokens, "bandwidth": read / busy if busy > 0 and read else None}
 
     def steps(self):
         """(decode?, experts of this step (tokens, layers, k)) for every forward pass, in order."""
