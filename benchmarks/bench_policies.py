@@ -100,7 +100,7 @@ def main() -> None:
              f"Machine: {result['machine']}. Date: {result['date']}. Command: `{result['command']}`. One process per "
              f"run, page cache dropped before each, O_DIRECT reads, {args.tokens} tokens sampled with a fixed seed "
              f"(identical tokens in every run). Experts: {s.expert_bytes / 1e9:.2f} GB in records of "
-             f"{record / 1e6:.2f} MB. Ceiling = the same-run probe's bandwidth (depth 8) / the run's bytes per token.",
+             f"{record / 1e6:.2f} MB. Ceiling = the same-run probe's bandwidth (depth 8) / the run's bytes per token: the I/O-only bound, compute ignored (resident compute alone is about 30 tok/s on this model here), so a ratio above 1 only means the run was not I/O-bound.",
              "", "| cache | policy | prefetch | decode tok/s | hit rate | MB/token | read MB/s | I/O wait | "
              "prefetch used / started | ceiling tok/s | decode / ceiling | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
