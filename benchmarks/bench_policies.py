@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from moestream.convert import convert
-from moestream.demo import build_checkpoint
+from common import drop_caches, machine_description, synthetic_store, write_section
 from moestream.probe import probe
 from moestream.store import Store
 
@@ -51,17 +48,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
 
-    from validate_plan import drop_caches, machine_description  # same folder
-
     scratch = Path(args.scratch)
-    ckpt, store = scratch / "checkpoint", scratch / "store"
     rows = []
     try:
-        if not (ckpt / "config.json").is_file():
-            scratch.mkdir(parents=True, exist_ok=True)
-            build_checkpoint(ckpt)
-        if not (store / "store.json").is_file():
-            convert(str(ckpt), store, force=True, progress=False)
+        store = synthetic_store(scratch)
         s = Store.open(store)
         record = s.layers[0].record_bytes
         for share in [float(x) for x in args.caps.split(",")]:
@@ -96,7 +86,7 @@ def main() -> None:
               "expert_bytes": s.expert_bytes, "tokens": args.tokens, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    lines = [MARK, "## Cache policies and prefetch (decode, random demo model)", "",
+    lines = ["## Cache policies and prefetch (decode, random demo model)", "",
              f"Machine: {result['machine']}. Date: {result['date']}. Command: `{result['command']}`. One process per "
              f"run, page cache dropped before each, O_DIRECT reads, {args.tokens} tokens sampled with a fixed seed "
              f"(identical tokens in every run). Experts: {s.expert_bytes / 1e9:.2f} GB in records of "
@@ -111,16 +101,9 @@ def main() -> None:
                      f"{x['read_mb_s'] or 0:.0f} | {100 * x['io_wait_share']:.0f} % | "
                      f"{x['prefetch_used']} / {x['prefetched']} | {ceil or 0:.1f} | "
                      f"{x['decode_tps'] / ceil if ceil else 0:.2f} | {x['peak_rss'] / 1e9:.2f} GB |")
-    lines.append(MARK)
-    md = Path(args.results_md)
-    text = md.read_text() if md.exists() else "# Benchmark results\n"
-    block = "\n".join(lines)
-    text = (re.sub(f"{re.escape(MARK)}.*?{re.escape(MARK)}", lambda _: block, text, flags=re.S) if MARK in text
-            else text.rstrip() + "\n\n" + block + "\n")
-    md.write_text(text)
+    write_section(Path(args.results_md), MARK, lines)
     print(f"wrote {args.out} and {args.results_md}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
     main()

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import shutil
 import time
 from pathlib import Path
 
 import moestream
-from moestream.convert import convert
+from common import drop_caches, machine_description, synthetic_store, write_section
 from moestream.costmodel import Machine
-from moestream.demo import DEMO_SHAPE, build_checkpoint
+from moestream.demo import DEMO_SHAPE
 from moestream.plan import make_plan
 from moestream.probe import probe
 from moestream.simulate import simulate
@@ -38,25 +35,6 @@ MEASURED = ["def parse(path):", "import collections\nclass Cache:", "for i, line
 TRACED = ["class Parser(object):", "def main(argv=None):", "with open(name) as fh:",
           "if __name__ == '__main__':", "return sorted(items, key=", "raise ValueError("]
 MARK = "<!-- validate_plan -->"
-
-
-def machine_description() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, Linux {platform.release()}"
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run(store: Path, cache: int, tokens: int, prompts: list[str], trace: Path | None = None) -> dict:
@@ -89,14 +67,9 @@ def main() -> None:
     args = ap.parse_args()
 
     scratch = Path(args.scratch)
-    ckpt, store = scratch / "checkpoint", scratch / "store"
     t0 = time.time()
     try:
-        if not (ckpt / "config.json").is_file():
-            scratch.mkdir(parents=True, exist_ok=True)
-            build_checkpoint(ckpt)
-        if not (store / "store.json").is_file():
-            convert(str(ckpt), store, force=True, progress=False)
+        store = synthetic_store(scratch)
         s = Store.open(store)
         record = s.layers[0].record_bytes
         total = s.expert_bytes
@@ -164,7 +137,7 @@ def main() -> None:
 
 
 def write_markdown(r: dict, path: Path) -> None:
-    lines = [MARK, "## Planner validation: predicted vs measured decode speed", "",
+    lines = ["## Planner validation: predicted vs measured decode speed", "",
              f"Machine: {r['machine']}. Date: {r['date']}. Command: `{r['command']}`.", "",
              f"Model: random Qwen3-MoE shape {r['shape']['num_hidden_layers']} layers x "
              f"{r['shape']['num_experts']} experts (top-{r['shape']['num_experts_per_tok']}), bf16 records of "
@@ -194,14 +167,8 @@ def write_markdown(r: dict, path: Path) -> None:
               "--ssd B --latency r --trace heldout.npz`, which uses the replay's mean hit rate for every layer and "
               "token and the compute time measured in that trace. predicted (uniform): `moestream "
               "plan` without a trace (hit rate = share of experts cached). Error = predicted / measured - 1. "
-              "Reads are O_DIRECT; predictions take o = 0 (no I/O hidden behind compute).", MARK]
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = "\n".join(lines)
-    if MARK in text:
-        text = re.sub(f"{re.escape(MARK)}.*?{re.escape(MARK)}", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+              "Reads are O_DIRECT; predictions take o = 0 (no I/O hidden behind compute)."]
+    write_section(path, MARK, lines)
 
 
 if __name__ == "__main__":
