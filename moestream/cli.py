@@ -1,4 +1,4 @@
-"""The `moestream` command: convert, run, demo, inspect, trace, simulate, plan."""
+"""The `moestream` command: convert, run, demo, inspect, trace, simulate, plan, eval."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("out", metavar="OUT", help="store directory to create")
     c.add_argument("--revision", help="hub revision (branch, tag or commit)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--experts", choices=["int8", "int4"],
+                   help="LOSSY, opt-in: quantise the experts (int8 per output channel, or int4 in groups along "
+                        "rows), bf16 scales; default keeps the checkpoint's dtype. `moestream eval` measures the cost")
+    c.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
 
     r = sub.add_parser("run", help="generate text from a prompt", description="Generate from MODEL, streaming "
                        "experts, and print statistics at the end.", epilog=EPILOG_RUN,
@@ -144,6 +148,18 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--list", action="store_true", help="list the presets and exit")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     _machine_args(pl)
+
+    ev = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a reference model",
+                        description="Scores MODEL on a text file in windows of --window tokens: perplexity, and "
+                                    "with --against REF (e.g. the exact bf16 store) the mean KL divergence "
+                                    "KL(REF || MODEL) of next-token distributions and how often their top-1 agree.")
+    ev.add_argument("model", metavar="MODEL", help="store, checkpoint directory or hub id")
+    ev.add_argument("--text", required=True, metavar="FILE", help="text to score")
+    ev.add_argument("--against", metavar="REF", help="reference model for KL and top-1 agreement")
+    ev.add_argument("--window", type=int, default=256, help="tokens per forward pass (default 256)")
+    ev.add_argument("--max-tokens", type=int, default=4096, help="score at most this many tokens (default 4096)")
+    ev.add_argument("--json", action="store_true", help="print the scores as JSON")
+    _budget_args(ev)
 
     i = sub.add_parser("inspect", help="describe a store, checkpoint or hub model (config only)",
                        description="For a store: its model, layers, record layout and sizes. For a checkpoint "
@@ -297,6 +313,32 @@ def _plan(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .evaluate import evaluate
+    from .runtime import load
+
+    opts = dict(memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype, verify=args.verify,
+                threads=args.threads, direct=not args.no_direct, context=args.window)
+    text = Path(args.text).read_text()
+    with load(args.model, **opts) as m:
+        ref = load(args.against, **opts) if args.against else None
+        try:
+            scores = evaluate(m, text, ref, window=args.window, max_tokens=args.max_tokens)
+        finally:
+            if ref is not None:
+                ref.close()
+    if args.json:
+        print(json.dumps(scores, indent=1))
+    else:
+        print(f"{scores['model']} ({scores['experts_format']}): {scores['tokens']} tokens, perplexity "
+              f"{scores['perplexity']:.3f}")
+        if "kl" in scores:
+            print(f"against {scores['against']} ({scores['against_format']}): mean KL {scores['kl']:.5f} nats, "
+                  f"top-1 agreement {100 * scores['top1_agreement']:.2f} %, reference perplexity "
+                  f"{scores['against_perplexity']:.3f}")
+    return 0
+
+
 def _inspect_model(args) -> int:
     """A model that is not a store: sizes from its config, and whether it can be streamed."""
     from .plan import resolve_model
@@ -352,7 +394,8 @@ def _inspect(args) -> int:
         print(json.dumps(summary, indent=1, default=list))
         return 0
     print(f"{s.root}\n  model         {summary['architecture']} ({summary['model_type']}), from {summary['source']}")
-    print(f"  dtype         {summary['dtype']}, experts quantisation: {s.meta['quant']['experts']}")
+    q = s.meta["quant"]["experts"]
+    print(f"  dtype         {summary['dtype']}, experts quantisation: {q}" + (" (LOSSY)" if q != "none" else " (exact)"))
     print(f"  dense         {format_size(s.dense_bytes)} resident (dense.safetensors)")
     print(f"  experts       {format_size(s.expert_bytes)} in {len(s.layers)} MoE layers x "
           f"{summary['experts_per_layer']} experts, record {summary['record_bytes']} bytes")
@@ -374,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from .convert import convert
 
-            out = convert(args.src, args.out, force=args.force, revision=args.revision)
+            out = convert(args.src, args.out, force=args.force, revision=args.revision, experts=args.experts,
+                          group=args.group)
             print(f"wrote {out}")
             return 0
         if args.command == "run":
@@ -395,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "eval":
+            return _eval(args)
     except (UnsupportedModel, CheckpointError, StoreError, RecordCorrupt, MemoryBudgetError, FileExistsError,
             FileNotFoundError, TraceError, ValueError) as e:
         print(f"moestream: error: {e}", file=sys.stderr)

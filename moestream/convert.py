@@ -23,6 +23,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
 
 from . import __version__
+from .quant import SCHEMES, quantize, scheme_name
 from .reader import CHECKSUM, checksum
 from .safetensors_io import Checkpoint, write_safetensors
 from .skeleton import UnsupportedModel, check_weights_supported, experts_modules, expert_params, layer_index, load_config, meta_model
@@ -178,14 +179,30 @@ def _expert_tensors(plan: _ExpertPlan, e: int, ckpt: Checkpoint) -> dict[str, to
     return out
 
 
-def _write_layer(plan: _ExpertPlan, ckpt: Checkpoint, path: Path, bar: tqdm) -> LayerInfo:
+def _stored(tensors: dict[str, torch.Tensor], scheme: str | None, group: int) -> dict[str, torch.Tensor]:
+    """An expert's tensors as the record keeps them: as they are, or matrices quantised (quant.py)."""
+    if scheme is None:
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        if t.dim() == 2:
+            out.update({f"{name}.{k}": v for k, v in quantize(t, scheme, group).items()})
+        else:
+            out[name] = t
+    return out
+
+
+def _write_layer(plan: _ExpertPlan, ckpt: Checkpoint, path: Path, bar: tqdm, scheme: str | None = None,
+                 group: int = 32) -> LayerInfo:
     first = _expert_tensors(plan, 0, ckpt)
-    slots, record_bytes = record_layout([(p, t.dtype, tuple(t.shape)) for p, t in first.items()])
+    stored = _stored(first, scheme, group)
+    slots, record_bytes = record_layout([(p, t.dtype, tuple(t.shape)) for p, t in stored.items()])
     sums = []
     record = torch.zeros(record_bytes, dtype=torch.uint8)
     with open(path, "wb") as f:
         for e in range(plan.experts):
-            tensors = first if e == 0 else _expert_tensors(plan, e, ckpt)
+            source = first if e == 0 else _expert_tensors(plan, e, ckpt)
+            tensors = _stored(source, scheme, group)
             record.zero_()
             for s in slots:
                 t = tensors[s.name]
@@ -195,7 +212,7 @@ def _write_layer(plan: _ExpertPlan, ckpt: Checkpoint, path: Path, bar: tqdm) -> 
             data = record.numpy().data
             sums.append(checksum(data))
             f.write(data)
-            bar.update(sum(s.nbytes for s in slots))
+            bar.update(sum(t.numel() * t.element_size() for t in source.values()))
         f.flush()
         os.fsync(f.fileno())
     return LayerInfo(plan.layer, plan.module, str(path.relative_to(path.parent.parent)), plan.experts,
@@ -224,13 +241,17 @@ def _store_dtype(specs) -> torch.dtype:
 
 
 def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: str | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, experts: str | None = None, group: int = 32) -> Path:
     """Convert checkpoint `src` (directory or hub id) into a store at `out`; returns `out`.
+
+    `experts` = 'int8' or 'int4' quantises the experts (lossy, opt-in); None keeps them as they are.
 
     Nothing appears at `out` until the store is complete: everything is written into a
     temporary sibling directory that is renamed at the end, and removed on any failure.
     """
     out = Path(out).expanduser().absolute()
+    if experts is not None and experts not in SCHEMES:
+        raise ValueError(f"--experts {experts!r}: choose one of {', '.join(SCHEMES)}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     src_dir = resolve_source(src, revision)
@@ -263,7 +284,8 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
             layers = []
             for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):
                 p = plan.experts[module]
-                layers.append(_write_layer(p, ckpt, tmp / "experts" / f"layer-{p.layer:03d}.bin", bar))
+                path = tmp / "experts" / f"layer-{p.layer:03d}.bin"
+                layers.append(_write_layer(p, ckpt, path, bar, experts, group))
 
         for f in sorted(src_dir.iterdir()):
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
@@ -277,7 +299,7 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
             "model_type": config.model_type,
             "architecture": type(model).__name__,
             "dtype": dtype_name(_store_dtype(plan.dense_specs)),
-            "quant": {"experts": "none", "dense": "none"},
+            "quant": {"experts": scheme_name(experts, group) if experts else "none", "dense": "none"},
             "alignment": ALIGN,
             "checksum": CHECKSUM,
             "dense": {"path": DENSE_FILE, "bytes": dense_bytes, "tensors": len(plan.dense_specs)},

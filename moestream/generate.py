@@ -57,6 +57,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cache_budget: int = 0
+    experts_format: str = "none"  # the store's expert quantisation ("none": exact)
     prefill: Counters = field(default_factory=Counters)
     decode: Counters = field(default_factory=Counters)
     layers: dict[int, Counters] = field(default_factory=dict)  # whole run, per MoE layer
@@ -102,6 +103,8 @@ class GenerationStats:
             f"prompt               {self.prompt_tokens} tokens, prefill {self.prefill_tps:.1f} tok/s, "
             f"time to first token {self.ttft_seconds:.2f} s",
             f"generated            {self.generated_tokens} tokens, decode {self.decode_tps:.2f} tok/s",
+            *([f"experts format       {self.experts_format} (LOSSY: quantised at convert)"]
+              if self.experts_format != "none" else []),
             f"expert cache         {format_size(self.cache_budget)}, hit rate {100 * io.hit_rate:.1f} % "
             f"({io.hits} hits, {io.misses} misses, {io.evictions} evictions)",
             f"read                 {io.bytes_read / 1e9:.3f} GB ({format_size(per_tok)}/decoded token), "

@@ -26,6 +26,7 @@ from .budget import MemoryPlan, plan_memory
 from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import make_policy
+from .quant import expand
 from .reader import RecordReader
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import LayerInfo, Store, StoreError, record_tensors
@@ -55,8 +56,9 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
                    mask: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens routed to expert `e` and their weighted outputs, computed from its stored record."""
     w = record_tensors(record, src.info.tensors)
-    if src.device.type != "cpu" or any(t.dtype != src.dtype for t in w.values()):
-        w = {k: v.to(src.device, src.dtype, non_blocking=True) for k, v in w.items()}
+    if src.device.type != "cpu":  # copy the compact form; expand on the device
+        w = {k: v.to(src.device, non_blocking=True) for k, v in w.items()}
+    w = expand(w, src.dtype)
     pos, tok = torch.where(mask[e])
     x = hidden_states[tok]
     up = "gate_up_proj" if self.has_gate else "up_proj"
@@ -198,7 +200,7 @@ class StreamedModel:
                    stop_at_eos: bool = True, **sampling) -> Iterator[int]:
         """Generated token ids as they come; `.stats` describes the run once the iterator is exhausted."""
         ids = self.encode(prompt, chat)
-        stats = GenerationStats(load_seconds=self.load_seconds)
+        stats = GenerationStats(load_seconds=self.load_seconds, experts_format=self.store.meta["quant"]["experts"])
         self.stats = stats
         if self.recorder is not None:
             self.recorder.new_sequence()

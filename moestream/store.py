@@ -27,6 +27,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "int8": torch.int8,  # quantised experts (quant.py)
+    "uint8": torch.uint8,
 }
 
 

@@ -1,0 +1,65 @@
+"""Lossy, opt-in compact expert formats, quantised at convert and expanded one expert at a time at use.
+
+  int8   symmetric, one scale per row (output channel), bf16 scales
+  int4   symmetric, one scale per group of `group` values along a row, two values per byte, bf16 scales
+
+A record then holds, per matrix `name`, `name.q` (int8, or uint8 with two int4 per byte) and
+`name.scale`; vectors (biases) stay as they were. Rows are the stored layout's rows: for modules
+stored transposed (GPT-OSS) that groups along the output dimension, still symmetric and exact in
+its own terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEMES = ("int8", "int4")
+
+
+def scheme_name(scheme: str, group: int) -> str:
+    return "int8_channel" if scheme == "int8" else f"int4_g{group}"
+
+
+def quantize(t: torch.Tensor, scheme: str, group: int = 32) -> dict[str, torch.Tensor]:
+    """{'q': ..., 'scale': ...} for a 2-D tensor; its dtype and shape are recorded by the caller."""
+    if t.dim() != 2:
+        raise ValueError(f"only matrices are quantised, got shape {tuple(t.shape)}")
+    x = t.float()
+    if scheme == "int8":
+        scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+        q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale.squeeze(1).to(torch.bfloat16)}
+    if scheme == "int4":
+        rows, cols = x.shape
+        if cols % group or group % 2:
+            raise ValueError(f"int4 group {group} must be even and divide the row length {cols}")
+        g = x.view(rows, cols // group, group)
+        scale = (g.abs().amax(dim=2, keepdim=True) / 7).clamp(min=1e-12)
+        q = (torch.round(g / scale).clamp(-8, 7).to(torch.int16) + 8).view(rows, cols).to(torch.uint8)
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        return {"q": packed, "scale": scale.squeeze(2).to(torch.bfloat16)}
+    raise ValueError(f"unknown experts format {scheme!r}: choose one of {', '.join(SCHEMES)}")
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix in `dtype`, from its stored parts (the scheme is told by q's dtype)."""
+    if q.dtype == torch.int8:
+        return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+    rows = q.shape[0]
+    vals = torch.stack([(q & 0x0F), (q >> 4)], dim=-1).view(rows, -1).to(torch.int8) - 8
+    groups = scale.shape[1]
+    w = vals.view(rows, groups, -1).to(torch.float32) * scale.to(torch.float32)[:, :, None]
+    return w.view(rows, -1).to(dtype)
+
+
+def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name`,
+    everything else cast to `dtype` where it differs."""
+    out = {}
+    for name, t in parts.items():
+        if name.endswith(".q"):
+            base = name[:-2]
+            out[base] = dequantize(t, parts[base + ".scale"], dtype)
+        elif not name.endswith(".scale"):
+            out[name] = t if t.dtype == dtype else t.to(dtype)
+    return out

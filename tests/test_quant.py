@@ -1,0 +1,112 @@
+"""Opt-in lossy expert formats: exact where they should be, labelled, and their cost measured."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moestream
+from moestream.convert import convert
+from moestream.demo import bundled_model
+from moestream.evaluate import evaluate
+from moestream.quant import dequantize, quantize
+from moestream.store import Store
+
+
+def test_int4_packing_is_exact_on_representable_values():
+    torch.manual_seed(0)
+    scales = 2.0 ** torch.randint(-6, -2, (4, 2)).float()  # powers of two: exact in bf16
+    vals = torch.randint(-7, 8, (4, 2, 32)).float()
+    vals[:, :, 0] = 7  # each group reaches the top of the range, so amax / 7 is the scale
+    w = (vals * scales[:, :, None]).view(4, 64)
+    p = quantize(w, "int4", 32)
+    assert p["q"].shape == (4, 32) and p["q"].dtype == torch.uint8 and p["scale"].shape == (4, 2)
+    assert torch.equal(dequantize(p["q"], p["scale"], torch.float32), w)
+
+
+def test_int8_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(32, 96)
+    p = quantize(w, "int8")
+    err = (dequantize(p["q"], p["scale"], torch.float32) - w).abs()
+    # half a quantisation step per row, plus the bf16 rounding of the scale
+    assert (err <= (w.abs().amax(1, keepdim=True) / 127) * 0.51 + w.abs() * 2**-8).all()
+    with pytest.raises(ValueError, match="divide"):
+        quantize(torch.randn(4, 40), "int4", 32)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    src = str(bundled_model())
+    return {f: convert(src, root / f, progress=False, experts=None if f == "exact" else f)
+            for f in ("exact", "int8", "int4")}
+
+
+def test_quantised_stores_are_smaller_and_labelled(stores):
+    size = {f: Store.open(p).expert_bytes for f, p in stores.items()}
+    assert size["int8"] < 0.55 * size["exact"] and size["int4"] < 0.32 * size["exact"]
+    assert Store.open(stores["int4"]).meta["quant"]["experts"] == "int4_g32"
+    assert Store.open(stores["int8"]).meta["quant"]["experts"] == "int8_channel"
+    with moestream.load(stores["int4"], cache="2MB", device="cpu") as m:
+        list(m.stream("def f(x):", max_new_tokens=4, chat=False))
+        assert "LOSSY" in m.stats.format() and "int4_g32" in m.stats.format()
+    with moestream.load(stores["exact"], cache="2MB", device="cpu") as m:
+        list(m.stream("def f(x):", max_new_tokens=4, chat=False))
+        assert "LOSSY" not in m.stats.format()
+
+
+def test_int8_store_computes_exactly_its_dequantised_weights(stores):
+    """The runtime's int8 path equals transformers' model holding the same dequantised weights."""
+    ref = AutoModelForCausalLM.from_pretrained(bundled_model(), experts_implementation="eager",
+                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            ex = layer.mlp.experts
+            for name in ("gate_up_proj", "down_proj"):
+                p = getattr(ex, name)
+                for e in range(p.shape[0]):
+                    q = quantize(p[e].to(torch.bfloat16), "int8")
+                    p[e] = dequantize(q["q"], q["scale"], torch.float32)
+    ids = torch.tensor([[5, 300, 1200, 42, 77, 9, 2048, 13]])
+    with moestream.load(stores["int8"], cache="3MB", dtype="float32", device="cpu") as m:
+        with torch.no_grad():
+            assert (ref(ids).logits - m.model(ids).logits).abs().max().item() <= 1e-4
+        assert m.cache.total().evictions > 0
+
+
+def held_out_text(chars: int = 20000) -> str:
+    """Text the bundled model never trained on: its training script's held-out standard-library files."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from train_tiny_moe import corpus_files, held_out
+
+    files = [f for f in corpus_files() if held_out(f)][:2]
+    return "".join(f.read_text(encoding="utf-8", errors="replace")[:chars] for f in files)
+
+
+def test_eval_kl_bounds(stores, tmp_path):
+    text = held_out_text()
+    opts = dict(cache="64MB", device="cpu")
+    with moestream.load(stores["exact"], **opts) as ref:
+        scores = {}
+        for f in ("exact", "int8", "int4"):
+            with moestream.load(stores[f], **opts) as m:
+                scores[f] = evaluate(m, text, ref, window=256, max_tokens=2048)
+    assert scores["exact"]["kl"] == 0 and scores["exact"]["top1_agreement"] == 1
+    assert all(math.isfinite(s["kl"]) and math.isfinite(s["perplexity"]) for s in scores.values())
+    assert 0 < scores["int8"]["kl"] < scores["int4"]["kl"] / 3
+    assert scores["int4"]["kl"] < 0.05 and scores["int4"]["top1_agreement"] > 0.9
+    (tmp_path / "t.txt").write_text(text)
+    from test_cli import cli
+
+    r = cli("eval", stores["int4"], "--text", tmp_path / "t.txt", "--against", stores["exact"], "--max-tokens",
+            512, "--cache", "64MB", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["experts_format"] == "int4_g32" and d["tokens"] == 512 and d["kl"] > 0
