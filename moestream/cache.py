@@ -62,12 +62,13 @@ class ExpertCache:
         self.peak_used = 0
         self.entries: dict[Key, AlignedBuffer] = {}
         self.layers: dict[int, Counters] = {}
+        self.pinned_bytes = 0  # held by preloaded (pinned) experts, never evicted
         self.inflight: dict[Key, Future] = {}  # prefetched reads not yet requested (running ones are pinned)
         self.unused_prefetch: set[Key] = set()
 
     def capacity(self, info: LayerInfo) -> int:
-        """How many records of this layer fit at once."""
-        return self.budget // info.record_bytes
+        """How many records of this layer one request may bring in at once (pinned bytes excluded)."""
+        return max(1, (self.budget - self.pinned_bytes) // info.record_bytes)
 
     def counters(self, layer: int) -> Counters:
         c = self.layers.get(layer)
@@ -166,6 +167,18 @@ class ExpertCache:
         out = dict(f.ready)
         out.update(f.arrivals())
         return out
+
+    def preload(self, infos: list[LayerInfo], keys: list[Key]) -> None:
+        """Read pinned `keys` into the cache now, layer by layer, in groups that fit; from then on the
+        room they take is left out of `capacity`. The policy must never evict them (policy.Pinned)."""
+        by_layer = {i.layer: i for i in infos}
+        for layer in sorted({k[0] for k in keys}):
+            info = by_layer[layer]
+            experts = sorted(e for lay, e in keys if lay == layer)
+            step = self.capacity(info)
+            for i in range(0, len(experts), step):
+                self.get(info, experts[i : i + step])
+        self.pinned_bytes = sum(by_layer[layer].record_bytes for layer, _ in keys)
 
     def _drop(self, info: LayerInfo, e: int, buf) -> None:
         key = (info.layer, e)

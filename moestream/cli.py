@@ -1,4 +1,4 @@
-"""The `moestream` command: convert, run, demo, inspect, trace, simulate, plan, eval."""
+"""The `moestream` command: convert, run, demo, inspect, trace, profile, simulate, plan, eval."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch", default="none", choices=["none", "lookahead"],
                    help="lookahead: apply the next layer's router to this layer's input and start reading the "
                         "experts it would pick (only loads; results are unchanged). Default none")
+    g.add_argument("--pin", metavar="PROFILE", help="keep the experts a profile (`moestream profile`) found "
+                                                   "hottest resident: loaded at start, never evicted")
+    g.add_argument("--pin-share", type=float, default=0.5, help="share of the expert cache --pin may take "
+                                                                 "(default 0.5)")
     g.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"],
                    help="which expert to evict: lru (default) or lfu (least frequently used, with aging)")
 
@@ -115,6 +119,20 @@ def parser() -> argparse.ArgumentParser:
     _budget_args(t)
     t.set_defaults(max_tokens=64)
 
+    pr = sub.add_parser("profile", help="count how often each expert is used, for --pin",
+                        description="Count expert use per layer, from a trace (--from-trace) or by generating from "
+                                    "prompts, and write a profile; `--pin PROFILE` then keeps the hottest experts "
+                                    "resident.")
+    pr.add_argument("model", metavar="MODEL", nargs="?", help="store, checkpoint directory or hub id")
+    pr.add_argument("--prompts", metavar="FILE", help="prompts, one per line; \\n in a line is a newline")
+    pr.add_argument("--from-trace", metavar="TRACE", help="count from an existing trace instead")
+    pr.add_argument("--out", required=True, metavar="FILE", help="profile to write (.json)")
+    pr.add_argument("--raw", dest="chat", action="store_false", default=None, help="no chat template")
+    pr.add_argument("-p", "--prompt", help=argparse.SUPPRESS)
+    _sampling_args(pr)
+    _budget_args(pr)
+    pr.set_defaults(max_tokens=64)
+
     sm = sub.add_parser("simulate", help="replay a trace through each cache policy and the optimum",
                         description="Hit rate, bytes read per token and predicted decode tok/s for each cache "
                                     "policy the runtime has, and for Belady's offline optimum (evict what is used "
@@ -125,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     size.add_argument("--memory", metavar="SIZE", help="whole-process budget, split as the traced run split it")
     size.add_argument("--sweep", action="store_true", help="ten cache sizes up to all experts")
     sm.add_argument("--policies", default="lru,lfu,belady", help="comma-separated (default: lru,lfu,belady)")
+    sm.add_argument("--pin", metavar="PROFILE", help="also pin a profile's hottest experts (online policies)")
+    sm.add_argument("--pin-share", type=float, default=0.5, help="share of the cache pinned (default 0.5)")
     _machine_args(sm)
     sm.add_argument("--plot", metavar="PNG", help="draw hit rate and predicted tok/s against cache size")
     sm.add_argument("--json", action="store_true", help="print results as JSON")
@@ -181,7 +201,8 @@ def _run(args, model_path: str, chat) -> int:
         cache = "256MB" if args.random else Store.open(model_path).expert_bytes // 4
     m = load(model_path, memory=args.memory, cache=cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
-             cache_policy=args.cache_policy, trace=bool(args.trace), prefetch=args.prefetch)
+             cache_policy=args.cache_policy, trace=bool(args.trace), prefetch=args.prefetch, pin=args.pin,
+             pin_share=args.pin_share)
     try:
         if m.reader.fallback_reason:
             print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
@@ -204,7 +225,28 @@ def _run(args, model_path: str, chat) -> int:
     return 0
 
 
-def _trace(args) -> int:
+def _profile(args) -> int:
+    import tempfile
+
+    from .profile import profile_from_trace, save_profile
+    from .trace import Trace
+
+    if args.from_trace:
+        trace = Trace.load(args.from_trace)
+    else:
+        if not (args.model and args.prompts):
+            raise ValueError("give MODEL and --prompts FILE, or --from-trace TRACE")
+        with tempfile.TemporaryDirectory() as d:
+            args.out_trace = str(Path(d) / "t.npz")
+            _trace(args, args.out_trace)
+            trace = Trace.load(args.out_trace)
+    p = profile_from_trace(trace)
+    save_profile(p, args.out)
+    print(f"wrote {args.out}: {p['tokens']} tokens over {len(p['counts'])} MoE layers")
+    return 0
+
+
+def _trace(args, out: str | None = None) -> int:
     from .runtime import load
 
     prompts = [args.prompt] if args.prompt else [
@@ -214,7 +256,9 @@ def _trace(args) -> int:
         raise ValueError(f"{args.prompts}: no prompts in the file")
     m = load(args.model, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
-             cache_policy=args.cache_policy, trace=True, prefetch=args.prefetch)
+             cache_policy=args.cache_policy, trace=True, prefetch=args.prefetch, pin=args.pin,
+             pin_share=args.pin_share)
+    out = out or args.out
     try:
         from tqdm import tqdm
 
@@ -222,7 +266,7 @@ def _trace(args) -> int:
             for _ in m.stream_ids(p, max_new_tokens=args.max_tokens, chat=args.chat, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed):
                 pass
-        path = m.save_trace(args.out)
+        path = m.save_trace(out)
         t = m.cache.total()
         print(f"wrote {path}: {len(prompts)} prompt(s), hit rate {100 * t.hit_rate:.1f} % at "
               f"{m.cache.budget / 1e6:.0f} MB ({m.cache.policy.name})")
@@ -275,7 +319,14 @@ def _simulate(args) -> int:
             raise ValueError(f"{args.trace}: the traced run had no --memory split; use --cache")
         fixed = plan["baseline"] + plan["dense"] + plan["kv"] + plan["work"]
         sizes = [parse_size(args.memory, "--memory") - fixed]
-    results = [simulate(t, size, p) for p in policies for size in sizes]
+    pin = None
+    if args.pin:
+        from .profile import hottest, load_profile
+
+        prof = load_profile(args.pin)
+        rb = {int(l): int(b) for l, b in zip(t.layers, t.record_bytes)}
+        pin = {size: hottest(prof, int(size * args.pin_share), rb) for size in sizes}
+    results = [simulate(t, size, p, pin[size] if pin else None) for p in policies for size in sizes]
     if args.json:
         out = [{**r.to_dict(), "predicted_tps": r.predicted_tps(machine, record_bytes) if machine else None}
                for r in results]
@@ -410,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from .safetensors_io import CheckpointError
     from .skeleton import UnsupportedModel
     from .store import StoreError
+    from .profile import ProfileError
     from .trace import TraceError
 
     args = parser().parse_args(argv)
@@ -441,8 +493,10 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "profile":
+            return _profile(args)
     except (UnsupportedModel, CheckpointError, StoreError, RecordCorrupt, MemoryBudgetError, FileExistsError,
-            FileNotFoundError, TraceError, ValueError) as e:
+            FileNotFoundError, TraceError, ProfileError, MemoryError, ValueError) as e:
         print(f"moestream: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -138,6 +138,27 @@ class Belady(_HeapPolicy):
         self._set(key, (-nxt,))
 
 
+class Pinned(Policy):
+    """Another policy, except that `keys` (the hottest experts of a profile) are never evicted."""
+
+    def __init__(self, inner: Policy, keys: Iterable[Key]):
+        self.inner = inner
+        self.keys = set(keys)
+        self.name = f"{inner.name}+pin"
+
+    def access(self, key: Key, hit: bool) -> None:
+        self.inner.access(key, hit)
+
+    def insert(self, key: Key) -> None:
+        self.inner.insert(key)
+
+    def remove(self, key: Key) -> None:
+        self.inner.remove(key)
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        return self.inner.victim(pinned | self.keys)
+
+
 POLICIES = {"lru": LRU, "lfu": LFU}  # the online policies the runtime offers (--cache-policy)
 
 

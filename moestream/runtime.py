@@ -25,7 +25,8 @@ from transformers.integrations.moe import ExpertsInterface
 from .budget import MemoryPlan, plan_memory
 from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
-from .policy import make_policy
+from .policy import Pinned, make_policy
+from .profile import hottest, load_profile
 from .quant import expand
 from .reader import RecordReader
 from .skeleton import experts_modules, expert_params, load_config, meta_model
@@ -254,7 +255,8 @@ class StreamedModel:
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
-         cache_policy: str = "lru", trace: bool = False, prefetch: str = "none") -> StreamedModel:
+         cache_policy: str = "lru", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
+         pin_share: float = 0.5) -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
@@ -280,7 +282,16 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
             mod.register_parameter(p, None)
     _fill_dense(model, store, device)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
-    expert_cache = ExpertCache(reader, plan.cache, make_policy(cache_policy))
+    policy = make_policy(cache_policy)
+    pinned = []
+    if pin is not None:
+        if not 0 < pin_share <= 1:
+            raise ValueError(f"--pin-share must be in (0, 1], got {pin_share}")
+        profile = load_profile(pin) if not isinstance(pin, dict) else pin
+        pinned = hottest(profile, int(plan.cache * pin_share), {i.layer: i.record_bytes for i in store.layers})
+        policy = Pinned(policy, pinned)
+    expert_cache = ExpertCache(reader, plan.cache, policy)
+    expert_cache.preload(store.layers, pinned)
     recorder = None
     if trace:
         infos = sorted(layers.values(), key=lambda i: i.layer)

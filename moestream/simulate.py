@@ -14,7 +14,7 @@ import torch
 
 from .cache import ExpertCache, request_groups
 from .costmodel import Machine, tokens_per_second
-from .policy import Belady, Policy, make_policy
+from .policy import Belady, Pinned, Policy, make_policy
 from .store import LayerInfo
 from .trace import Trace
 
@@ -46,9 +46,10 @@ def _infos(trace: Trace) -> list[LayerInfo]:
 def requests(trace: Trace, cache_bytes: int):
     """Every (layer, expert) request in the runtime's order (the same loop as `simulate`)."""
     infos = _infos(trace)
+    capacity = ExpertCache(NullReader(), cache_bytes).capacity
     for _, experts in trace.steps():
         for c, info in enumerate(infos):
-            for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, cache_bytes // info.record_bytes):
+            for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, capacity(info)):
                 for e in group:
                     yield info.layer, e
 
@@ -89,8 +90,9 @@ class SimResult:
                 "decode_tokens": self.decode_tokens, "decode_bytes_per_token": self.decode_bytes_per_token}
 
 
-def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru") -> SimResult:
-    """Hits, misses and bytes for one cache size and policy ('lru', 'lfu', ... or 'belady')."""
+def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: list | None = None) -> SimResult:
+    """Hits, misses and bytes for one cache size and policy ('lru', 'lfu', ... or 'belady'); `pin`:
+    experts preloaded and never evicted, as `--pin` does (online policies only)."""
     if isinstance(policy, str):
         if policy == "belady":
             policy = Belady(requests(trace, cache_bytes))
@@ -98,9 +100,13 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru") -> Si
             policy = make_policy(policy)
     if cache_bytes < int(trace.record_bytes.max()):
         raise ValueError(f"cache of {cache_bytes} bytes holds no record of {int(trace.record_bytes.max())} bytes")
-    cache = ExpertCache(NullReader(), cache_bytes, policy)
-    result = SimResult(policy.name, cache_bytes)
     infos = _infos(trace)
+    if pin and not isinstance(policy, Belady):
+        policy = Pinned(policy, pin)
+    cache = ExpertCache(NullReader(), cache_bytes, policy)
+    if pin and not isinstance(policy, Belady):
+        cache.preload(infos, pin)
+    result = SimResult(policy.name, cache_bytes)
     for decode, experts in trace.steps():
         misses, asked = [], 0
         for c, info in enumerate(infos):

@@ -150,6 +150,15 @@ def test_cli_trace_simulate_plot(qwen3_store, tmp_path):
     assert all(x["predicted_tps"] is not None for x in rows)  # SSD speed as observed in the traced run
     r = cli("simulate", tmp_path / "missing.npz", "--cache", "1MB")
     assert r.returncode == 2 and "no such trace" in r.stderr
+    r = cli("profile", "--from-trace", tmp_path / "t.npz", "--out", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["format"] == "moestream-profile"
+    r = cli("profile", qwen3_store, "--prompts", prompts, "--out", tmp_path / "p2.json", "--cache", "60KB", "-n", 4)
+    assert r.returncode == 0, r.stderr
+    r = cli("run", qwen3_store, "-p", "x", "-n", 4, "--cache", "100KB", "--pin", tmp_path / "p2.json")
+    assert r.returncode == 0, r.stderr
+    r = cli("simulate", tmp_path / "t.npz", "--cache", "100KB", "--policies", "lru", "--pin", tmp_path / "p.json")
+    assert r.returncode == 0 and "lru+pin" in r.stdout
 
 
 def test_expected_io_averages_rounds_over_the_binomial():
@@ -164,3 +173,32 @@ def test_decode_hit_rate_leaves_out_prefill():
     t = make_trace([[[0], [1], [2], [3]], [[0]], [[1]]], decode=[False, True, True])
     r = simulate(t, 4 * 4096, "lru")
     assert r.hit_rate == pytest.approx(2 / 6) and r.decode_hit_rate == 1.0 and r.decode_requests == 2
+
+
+def test_pinned_expert_is_never_evicted():
+    # Pin A (expert 0): preloaded (1 miss), then A h, B m, A h, C m (evicts B, not A), B m (evicts C), A h.
+    r = simulate(make_trace(SEQ), 2 * 4096, "lru", pin=[(0, 0)])
+    assert (r.hits, r.misses, r.evictions) == (3, 4, 2)
+    assert r.policy == "lru+pin"
+
+
+def test_pinning_in_runtime_equals_simulator_and_keeps_tokens(qwen3_store, tmp_path):
+    from moestream.profile import ProfileError, hottest, profile_from_trace
+
+    budget = expert_bytes(qwen3_store) // 3
+    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True) as m:
+        plain = [list(m.stream_ids(p, max_new_tokens=10, stop_at_eos=False)) for p in PROMPTS]
+        trace = Trace.load(m.save_trace(tmp_path / "t.npz"))
+    profile = profile_from_trace(trace)
+    with moestream.load(qwen3_store, cache=budget, device="cpu", pin=profile, pin_share=0.5) as m:
+        keys = hottest(profile, budget // 2, {int(l): int(b) for l, b in zip(trace.layers, trace.record_bytes)})
+        assert keys and all(k in m.cache.entries for k in keys)
+        pinned = [list(m.stream_ids(p, max_new_tokens=10, stop_at_eos=False)) for p in PROMPTS]
+        assert all(k in m.cache.entries for k in keys)  # still resident after every prompt
+        assert m.cache.used <= budget
+        runtime = m.cache.total()
+    assert pinned == plain  # a policy cannot change results
+    sim = simulate(trace, budget, "lru", pin=keys)
+    assert (sim.hits, sim.misses, sim.evictions) == (runtime.hits, runtime.misses, runtime.evictions)
+    with pytest.raises(ProfileError, match="MoE layers"):
+        hottest(profile, budget, {0: 4096})
