@@ -27,11 +27,11 @@ MARK = "<!-- bench_policies -->"
 PROMPT = "import collections\nclass LRUCache:\n    def __init__(self, capacity):"
 
 
-def one_run(store: Path, cache: int, policy: str, prefetch: str, tokens: int) -> dict:
+def one_run(store: Path, cache: int, policy: str, prefetch: str, tokens: int, pin: Path | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "moestream.cli", "run", str(store), "-p", PROMPT, "--raw", "-n", str(tokens),
                "--cache", str(cache), "--cache-policy", policy, "--prefetch", prefetch, "--device", "cpu",
-               "--temperature", "1", "--seed", "0", "--stats-json", f.name]
+               "--temperature", "1", "--seed", "0", "--stats-json", f.name] + (["--pin", str(pin)] if pin else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
@@ -54,28 +54,38 @@ def main() -> None:
         store = synthetic_store(scratch)
         s = Store.open(store)
         record = s.layers[0].record_bytes
+        # A profile for --pin from other prompts than the measured one.
+        profile = scratch / "profile.json"
+        prompts = scratch / "prompts.txt"
+        prompts.write_text("\n".join(["def main(argv=None):", "class Parser(object):", "with open(name) as fh:",
+                                      "if __name__ == '__main__':", "raise ValueError("]))
+        subprocess.run([sys.executable, "-m", "moestream.cli", "profile", str(store), "--prompts", str(prompts),
+                        "--out", str(profile), "--raw", "-n", str(args.tokens), "--cache", str(s.expert_bytes),
+                        "--temperature", "1", "--seed", "1"], check=True, capture_output=True)
+        configs = [("lru", "none", None), ("lru", "lookahead", None), ("lfu", "none", None),
+                   ("lfu", "lookahead", None), ("lru", "none", profile)]
         for share in [float(x) for x in args.caps.split(",")]:
             cache = int(s.expert_bytes * share)
             p = probe(scratch, record, 8, seconds=2.0)
-            for policy in ("lru", "lfu"):
-                for prefetch in ("none", "lookahead"):
-                    dropped = drop_caches()
-                    d = one_run(store, cache, policy, prefetch, args.tokens)
-                    per_tok = d["decode_bytes_per_token"]
-                    ceiling = p.peak_bandwidth / per_tok if per_tok else None
-                    dec = d["decode"]
-                    row = {"share": share, "cache": cache, "policy": policy, "prefetch": prefetch,
-                           "decode_tps": d["decode_tps"], "prefill_tps": d["prefill_tps"], "ttft": d["ttft_seconds"],
-                           "hit_rate_decode": dec["hits"] / max(1, dec["hits"] + dec["misses"]),
-                           "mb_per_token": per_tok / 1e6, "read_mb_s": dec["bytes_read"] / dec["wait_seconds"] / 1e6
-                           if dec["wait_seconds"] else None,
-                           "io_wait_share": dec["wait_seconds"] / d["decode_seconds"] if d["decode_seconds"] else 0,
-                           "prefetched": dec["prefetched"], "prefetch_used": dec["prefetch_used"],
-                           "peak_rss": d["peak_rss"], "probe_gb_s": p.peak_bandwidth / 1e9,
-                           "io_ceiling_tps": ceiling, "page_cache_dropped": dropped}
-                    rows.append(row)
-                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                          flush=True)
+            for policy, prefetch, pin in configs:
+                dropped = drop_caches()
+                d = one_run(store, cache, policy, prefetch, args.tokens, pin)
+                per_tok = d["decode_bytes_per_token"]
+                ceiling = p.peak_bandwidth / per_tok if per_tok else None
+                dec = d["decode"]
+                row = {"share": share, "cache": cache, "policy": policy + ("+pin" if pin else ""),
+                       "prefetch": prefetch,
+                       "decode_tps": d["decode_tps"], "prefill_tps": d["prefill_tps"], "ttft": d["ttft_seconds"],
+                       "hit_rate_decode": dec["hits"] / max(1, dec["hits"] + dec["misses"]),
+                       "mb_per_token": per_tok / 1e6, "read_mb_s": dec["bytes_read"] / dec["wait_seconds"] / 1e6
+                       if dec["wait_seconds"] else None,
+                       "io_wait_share": dec["wait_seconds"] / d["decode_seconds"] if d["decode_seconds"] else 0,
+                       "prefetched": dec["prefetched"], "prefetch_used": dec["prefetch_used"],
+                       "peak_rss": d["peak_rss"], "probe_gb_s": p.peak_bandwidth / 1e9,
+                       "io_ceiling_tps": ceiling, "page_cache_dropped": dropped}
+                rows.append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
     finally:
         if not args.keep:
             import shutil
