@@ -208,8 +208,8 @@ def _run(args, model_path: str, chat) -> int:
             print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
         print(f"{m.store.root.name}: {m.memory.describe()}", file=sys.stderr)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if m.tokenizer is not None:
-            sys.stdout.write(prompt if chat is False else "")
+        if m.tokenizer is not None and not m.chat_mode(chat):
+            sys.stdout.write(prompt)  # raw mode continues the prompt: show it
         for piece in m.stream(prompt, max_new_tokens=args.max_tokens, chat=chat, temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, seed=args.seed):
             sys.stdout.write(piece)

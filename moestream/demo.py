@@ -39,8 +39,10 @@ def stdlib_texts(files: int) -> list[str]:
     return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
-def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 4096, files: int = 40):
-    """A byte-level BPE tokenizer with a small chat template, trained on `texts` (default: stdlib files)."""
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 4096, files: int = 40,
+                    chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on `texts` (default: stdlib files), with a small chat template
+    unless `chat_template` is None (a model never trained on chats should not get one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +54,7 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 4096, file
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts if texts is not None else stdlib_texts(files), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
+                                   chat_template=chat_template)
 
 
 def build_checkpoint(out: Path, shape: dict | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0,

@@ -174,16 +174,20 @@ class StreamedModel:
         self.recorder = recorder
         self.stats: GenerationStats | None = None
 
+    def chat_mode(self, chat: bool | None) -> bool:
+        """Whether a text prompt goes through the chat template: as asked, else when the tokenizer has one."""
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        if chat and not has_template:
+            raise ValueError(f"{self.store.root}: the tokenizer has no chat template; use raw mode")
+        return has_template if chat is None else chat
+
     def encode(self, prompt: str | list[int], chat: bool | None = None) -> list[int]:
-        """Token ids for a prompt; with `chat` (default: when the tokenizer has a template) as one user turn."""
+        """Token ids for a prompt; in chat mode (see `chat_mode`) as one user turn."""
         if not isinstance(prompt, str):
             return list(prompt)
         if self.tokenizer is None:
             raise ValueError(f"{self.store.root} has no tokenizer files; pass token ids instead of text")
-        has_template = getattr(self.tokenizer, "chat_template", None) is not None
-        if chat and not has_template:
-            raise ValueError(f"{self.store.root}: the tokenizer has no chat template; use raw mode")
-        if chat or (chat is None and has_template):
+        if self.chat_mode(chat):
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

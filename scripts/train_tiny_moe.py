@@ -95,7 +95,7 @@ def main() -> None:
     test_files = [f for f in files if held_out(f)]
     read = lambda fs: [f.read_text(encoding="utf-8", errors="replace") for f in fs]  # noqa: E731
     train_text, test_text = read(train_files), read(test_files)
-    tokenizer = build_tokenizer(train_text, args.vocab)
+    tokenizer = build_tokenizer(train_text, args.vocab, chat_template=None)  # plain code model: no chat
     train, test = encode(tokenizer, train_text), encode(tokenizer, test_text)
     baseline = unigram_loss(train, test, len(tokenizer))
     print(f"corpus: {len(train_files)} train files ({len(train)} tokens), {len(test_files)} held-out files "
