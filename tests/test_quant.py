@@ -62,8 +62,14 @@ def test_quantised_stores_are_smaller_and_labelled(stores):
         assert "LOSSY" not in m.stats.format()
 
 
-def test_int8_store_computes_exactly_its_dequantised_weights(stores):
-    """The runtime's int8 path equals transformers' model holding the same dequantised weights."""
+def test_int8_store_computes_exactly_its_dequantised_weights(stores, monkeypatch):
+    """The runtime's int8 path (torch's packed int8 matmul on CPU) equals transformers' model holding
+    the same dequantised weights."""
+    from moestream.quant import Int8Weight
+
+    calls = []
+    real = Int8Weight.linear
+    monkeypatch.setattr(Int8Weight, "linear", lambda self, x: calls.append(1) or real(self, x))
     ref = AutoModelForCausalLM.from_pretrained(bundled_model(), experts_implementation="eager",
                                                dtype=torch.float32).eval()
     with torch.no_grad():
@@ -79,6 +85,7 @@ def test_int8_store_computes_exactly_its_dequantised_weights(stores):
         with torch.no_grad():
             assert (ref(ids).logits - m.model(ids).logits).abs().max().item() <= 1e-4
         assert m.cache.total().evictions > 0
+    assert calls  # the packed int8 kernel did the work
 
 
 def held_out_text(chars: int = 20000) -> str:

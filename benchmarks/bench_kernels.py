@@ -1,0 +1,140 @@
+"""Per-expert compute time of each weight format and kernel path, for M = 1 and M = 64 tokens.
+
+One expert of Qwen3-30B-A3B's shape (gate_up 1536 x 2048, down 2048 x 768) per call, rotating over
+enough experts that their weights do not stay in CPU caches. Prints and saves ms per expert and
+stored-weight GB/s beside a memcpy of the same bytes. Not a test.
+
+    python benchmarks/bench_kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import machine_description, write_section
+from moestream.quant import dequantize, quantize
+
+MARK = "<!-- bench_kernels -->"
+
+
+def make_experts(n: int, hidden: int, inter: int) -> list[dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    out = []
+    for _ in range(n):
+        gu = torch.randn(2 * inter, hidden) * 0.02
+        dn = torch.randn(hidden, inter) * 0.02
+        e = {"gu_bf16": gu.bfloat16(), "dn_bf16": dn.bfloat16(), "gu_f32": gu, "dn_f32": dn}
+        for name, w in (("gu", gu), ("dn", dn)):
+            q8, q4 = quantize(w, "int8"), quantize(w, "int4", 32)
+            e[f"{name}_q8"], e[f"{name}_s8"] = q8["q"], q8["scale"]
+            e[f"{name}_q4"], e[f"{name}_s4"] = q4["q"], q4["scale"]
+            e[f"{name}_s8f"] = q8["scale"].float()
+        out.append(e)
+    return out
+
+
+def mlp(x, gu, dn):
+    g, u = F.linear(x, gu).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, dn)
+
+
+def paths():
+    def int8_fused(x, q, s):  # dequantise inside the matmul, for torch.compile to fuse
+        return (x @ q.t().to(x.dtype)) * s
+
+    fused = torch.compile(int8_fused, dynamic=False)
+
+    def compiled_int8(e, x):
+        g, u = fused(x, e["gu_q8"], e["gu_s8f"]).chunk(2, dim=-1)
+        return fused(F.silu(g) * u, e["dn_q8"], e["dn_s8f"])
+
+    return {
+        "bf16 F.linear": (lambda e, x: mlp(x.bfloat16(), e["gu_bf16"], e["dn_bf16"]), ("gu_bf16", "dn_bf16")),
+        "fp32 F.linear": (lambda e, x: mlp(x, e["gu_f32"], e["dn_f32"]), ("gu_f32", "dn_f32")),
+        "bf16 record -> fp32 + F.linear": (lambda e, x: mlp(x, e["gu_bf16"].float(), e["dn_bf16"].float()),
+                                           ("gu_bf16", "dn_bf16")),
+        "int8 expand (moestream) + fp32 F.linear": (
+            lambda e, x: mlp(x, dequantize(e["gu_q8"], e["gu_s8"], torch.float32),
+                             dequantize(e["dn_q8"], e["dn_s8"], torch.float32)), ("gu_q8", "gu_s8", "dn_q8", "dn_s8")),
+        "int8 _weight_int8pack_mm (bf16 x)": (
+            lambda e, x: _int8pack(e, x.bfloat16()), ("gu_q8", "gu_s8", "dn_q8", "dn_s8")),
+        "int8 torch.compile fused dequant+matmul": (compiled_int8, ("gu_q8", "gu_s8", "dn_q8", "dn_s8")),
+        "int4 expand (moestream) + fp32 F.linear": (
+            lambda e, x: mlp(x, dequantize(e["gu_q4"], e["gu_s4"], torch.float32),
+                             dequantize(e["dn_q4"], e["dn_s4"], torch.float32)), ("gu_q4", "gu_s4", "dn_q4", "dn_s4")),
+    }
+
+
+def _int8pack(e, x):
+    g, u = torch._weight_int8pack_mm(x, e["gu_q8"], e["gu_s8"]).chunk(2, dim=-1)
+    return torch._weight_int8pack_mm((F.silu(g) * u).contiguous(), e["dn_q8"], e["dn_s8"])
+
+
+def measure(fn, experts, tokens: int, hidden: int, seconds: float) -> float:
+    x = torch.randn(tokens, hidden)
+    for e in experts[:3]:  # warm-up (and compile)
+        fn(e, x)
+    n, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - t0 < seconds or n < len(experts):
+            fn(experts[n % len(experts)], x)
+            n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experts", type=int, default=48, help="experts to rotate over (default 48: ~450 MB bf16)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    ap.add_argument("--out", default="benchmarks/results/bench_kernels.json")
+    ap.add_argument("--results-md", default="benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    hidden, inter = 2048, 768
+    experts = make_experts(args.experts, hidden, inter)
+    src = torch.empty(3 * hidden * inter * 2, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1.0:
+        dst.copy_(src)
+        n += 1
+    memcpy = src.numel() * n / (time.perf_counter() - t0)
+    rows = []
+    for name, (fn, keys) in paths().items():
+        stored = sum(experts[0][k].numel() * experts[0][k].element_size() for k in keys)
+        for tokens in (1, 64):
+            try:
+                sec = measure(fn, experts, tokens, hidden, args.seconds)
+                rows.append({"path": name, "tokens": tokens, "ms_per_expert": sec * 1e3, "stored_bytes": stored,
+                             "weight_gb_s": stored / sec / 1e9})
+            except Exception as e:  # a kernel this torch build lacks is reported, not hidden
+                rows.append({"path": name, "tokens": tokens, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"machine": machine_description(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "memcpy_gb_s": memcpy / 1e9,
+              "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    lines = ["## Expert compute kernels (one expert, Qwen3-30B-A3B shape)", "",
+             f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. Date: "
+             f"{result['date']}. Command: `python benchmarks/bench_kernels.py`. Rotating over {args.experts} experts "
+             f"(weights not cache-warm). memcpy of one bf16 expert's bytes: {memcpy / 1e9:.1f} GB/s.", "",
+             "| path | ms per expert, M=1 | stored GB/s, M=1 | ms per expert, M=64 | stored GB/s, M=64 |",
+             "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["path"] for r in rows):
+        cells = []
+        for tokens in (1, 64):
+            r = next(r for r in rows if r["path"] == name and r["tokens"] == tokens)
+            cells += ["n/a", r["error"]] if "error" in r else [f"{r['ms_per_expert']:.2f}", f"{r['weight_gb_s']:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    write_section(Path(args.results_md), MARK, lines)
+    print(f"wrote {args.out} and {args.results_md}")
+
+
+if __name__ == "__main__":
+    main()
