@@ -106,7 +106,10 @@ def plan_memory(store: Store, config: PretrainedConfig, memory=None, cache=None,
     dtype = dtype or store.dtype
     dense = store.dense_bytes * dtype.itemsize // store.dtype.itemsize
     kv = kv_cache_bytes(config, context, dtype)
-    work = working_bytes(config, context) + (record * 4 if dtype != store.dtype else 0)
+    work = working_bytes(config, context)
+    if dtype != store.dtype or store.meta["quant"]["experts"] != "none":
+        # one expert expanded at use: up to 2 values per stored byte (int4), through a float32 intermediate
+        work += record * 2 * (4 + dtype.itemsize)
     on_host = device is None or device.type == "cpu"
     host_dense, host_kv = (dense, kv) if on_host else (0, 0)
     baseline = rss_bytes()
