@@ -50,6 +50,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                                                  "`moestream simulate` and `moestream plan --trace`")
 
 
+def _workload_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """What `trace` and `profile` share: where to write, and how to generate from the prompts."""
+    p.add_argument("--out", required=True, metavar="FILE", help=out_help)
+    p.add_argument("--raw", dest="chat", action="store_false", default=None, help="no chat template")
+    _sampling_args(p)
+    _budget_args(p)
+    p.set_defaults(max_tokens=64)
+
+
 def _machine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SSD (for predicted tok/s)")
     g.add_argument("--ssd", metavar="RATE", help="read bandwidth at the record size, e.g. 7GB/s")
@@ -113,11 +122,7 @@ def parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="prompts, one per line; \\n in a line is a newline")
-    t.add_argument("--out", required=True, metavar="FILE", help="trace file to write (.npz)")
-    t.add_argument("--raw", dest="chat", action="store_false", default=None, help="no chat template")
-    _sampling_args(t)
-    _budget_args(t)
-    t.set_defaults(max_tokens=64)
+    _workload_args(t, "trace file to write (.npz)")
 
     pr = sub.add_parser("profile", help="count how often each expert is used, for --pin",
                         description="Count expert use per layer, from a trace (--from-trace) or by generating from "
@@ -126,12 +131,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("model", metavar="MODEL", nargs="?", help="store, checkpoint directory or hub id")
     pr.add_argument("--prompts", metavar="FILE", help="prompts, one per line; \\n in a line is a newline")
     pr.add_argument("--from-trace", metavar="TRACE", help="count from an existing trace instead")
-    pr.add_argument("--out", required=True, metavar="FILE", help="profile to write (.json)")
-    pr.add_argument("--raw", dest="chat", action="store_false", default=None, help="no chat template")
     pr.add_argument("-p", "--prompt", help=argparse.SUPPRESS)
-    _sampling_args(pr)
-    _budget_args(pr)
-    pr.set_defaults(max_tokens=64)
+    _workload_args(pr, "profile to write (.json)")
 
     sm = sub.add_parser("simulate", help="replay a trace through each cache policy and the optimum",
                         description="Hit rate, bytes read per token and predicted decode tok/s for each cache "
