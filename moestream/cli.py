@@ -484,18 +484,9 @@ def main(argv: list[str] | None = None) -> int:
 
             store = ensure_random_store(rebuild=args.rebuild) if args.random else ensure_store(str(bundled_model())).root
             return _run(args, str(store), False)
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "trace":
-            return _trace(args)
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "plan":
-            return _plan(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "profile":
-            return _profile(args)
+        handlers = {"inspect": _inspect, "trace": _trace, "simulate": _simulate, "plan": _plan, "eval": _eval,
+                    "profile": _profile}
+        return handlers[args.command](args)
     except (UnsupportedModel, CheckpointError, StoreError, RecordCorrupt, MemoryBudgetError, FileExistsError,
             FileNotFoundError, TraceError, ProfileError, MemoryError, ValueError) as e:
         print(f"moestream: error: {e}", file=sys.stderr)
