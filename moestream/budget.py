@@ -98,14 +98,16 @@ class MemoryPlan:
 
 
 def plan_memory(store: Store, config: PretrainedConfig, memory=None, cache=None, dtype: torch.dtype | None = None,
-                context: int = 4096, device: torch.device | None = None) -> MemoryPlan:
-    """The expert cache size for this budget, or MemoryBudgetError before anything is loaded."""
+                context: int = 4096, device: torch.device | None = None, sequences: int = 1) -> MemoryPlan:
+    """The expert cache size for this budget, or MemoryBudgetError before anything is loaded.
+
+    `sequences` KV caches of `context` tokens are reserved (the server decodes several at once)."""
     memory = parse_size(memory, "--memory")
     cache = parse_size(cache, "--cache")
     record = max((i.record_bytes for i in store.layers), default=0)
     dtype = dtype or store.dtype
     dense = store.dense_bytes * dtype.itemsize // store.dtype.itemsize
-    kv = kv_cache_bytes(config, context, dtype)
+    kv = kv_cache_bytes(config, context * sequences, dtype)
     work = working_bytes(config, context)
     if dtype != store.dtype or store.meta["quant"]["experts"] != "none":
         # one expert expanded at use: up to 2 values per stored byte (int4), through a float32 intermediate
@@ -125,10 +127,11 @@ def plan_memory(store: Store, config: PretrainedConfig, memory=None, cache=None,
         plan = MemoryPlan(memory, baseline, dense, kv, work, min(max(left, 0), store.expert_bytes))
         if left < record:
             need = baseline + host_dense + host_kv + work + record
+            tokens = f"{sequences} × {context}" if sequences > 1 else str(context)
             what = f"--memory {format_size(memory)}" if given else f"available memory ({format_size(memory)})"
             raise MemoryBudgetError(
                 f"{what} is too small for {store.root.name}: the runtime holds {format_size(baseline)}, the dense "
-                f"weights need {format_size(host_dense)}, the KV cache for {context} tokens {format_size(host_kv)} and "
+                f"weights need {format_size(host_dense)}, the KV cache for {tokens} tokens {format_size(host_kv)} and "
                 f"working buffers {format_size(work)}, leaving {format_size(max(left, 0))} for experts, less than one "
                 f"expert record ({format_size(record)}). Give at least {format_size(need)}, or a shorter --context."
             )

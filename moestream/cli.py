@@ -1,9 +1,10 @@
-"""The `moestream` command: convert, run, demo, inspect, trace, profile, simulate, plan, eval."""
+"""The `moestream` command: convert, run, demo, inspect, trace, profile, simulate, plan, eval, serve."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -189,6 +190,31 @@ def parser() -> argparse.ArgumentParser:
                                    "the weights' format and whether moestream can stream it.")
     i.add_argument("store", metavar="MODEL", help="store, checkpoint directory, hub id or preset")
     i.add_argument("--json", action="store_true", help="print store.json's summary as JSON")
+
+    sv = sub.add_parser("serve", help="serve a model over OpenAI- and Anthropic-compatible HTTP",
+                        description="Serve MODEL on /v1/chat/completions, /v1/completions and /v1/messages (SSE "
+                                    "streaming or not), /v1/models, /health and /metrics (Prometheus). Concurrent "
+                                    "requests decode as one batch, so each expert read serves all of them. KV "
+                                    "for --max-batch sequences of --context tokens comes out of --memory.",
+                        epilog="example:\n  moestream serve Qwen/Qwen3-30B-A3B --memory 16GB --port 8080\n"
+                               "  curl localhost:8080/v1/chat/completions -H 'content-type: application/json' \\\n"
+                               "    -d '{\"model\": \"Qwen/Qwen3-30B-A3B\", \"messages\": [{\"role\": \"user\", "
+                               "\"content\": \"hi\"}]}'",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sv.add_argument("model", metavar="MODEL", nargs="?",
+                    help="store, checkpoint directory or hub id (default: the bundled tiny-moe)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sv.add_argument("--api-key", default=os.environ.get("MOESTREAM_API_KEY"),
+                    help="require this key (Authorization: Bearer KEY, or x-api-key) on every endpoint but "
+                         "/health (default: $MOESTREAM_API_KEY; none: open)")
+    sv.add_argument("--name", help="model name clients send (default: MODEL as given, or the store's name)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--max-queue", type=int, default=32,
+                    help="requests waiting for a slot before new ones get 429 (default 32)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default warning; info logs every request)")
+    _budget_args(sv)
     return ap
 
 
@@ -222,6 +248,39 @@ def _run(args, model_path: str, chat) -> int:
         if args.trace:
             print(f"trace: {m.save_trace(args.trace)}", file=sys.stderr)
     finally:
+        m.close()
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .batch import Engine
+    from .demo import bundled_model
+    from .runtime import load
+    from .server import Server, create_app
+
+    path = args.model or str(bundled_model())
+    m = load(path, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype, verify=args.verify,
+             threads=args.threads, direct=not args.no_direct, context=args.context, cache_policy=args.cache_policy,
+             prefetch=args.prefetch, pin=args.pin, pin_share=args.pin_share, sequences=args.max_batch)
+    engine = Engine(m, max_batch=args.max_batch, max_queue=args.max_queue)
+    try:
+        from .stores import is_hub_id
+
+        name = args.name or (args.model if args.model and is_hub_id(args.model) else Path(path).name)
+        if m.reader.fallback_reason:
+            print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
+        if not engine.can_batch:
+            print(f"note: {m.store.meta['model_type']} has sliding-window or linear-attention layers: requests are "
+                  "decoded one at a time", file=sys.stderr)
+        print(f"{m.store.root.name}: {m.memory.describe()}", file=sys.stderr)
+        print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (batch {engine.max_batch}, queue "
+              f"{args.max_queue}{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
+        app = create_app(Server(engine, name, args.context, args.api_key))
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
         m.close()
     return 0
 
@@ -485,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             store = ensure_random_store(rebuild=args.rebuild) if args.random else ensure_store(str(bundled_model())).root
             return _run(args, str(store), False)
         handlers = {"inspect": _inspect, "trace": _trace, "simulate": _simulate, "plan": _plan, "eval": _eval,
-                    "profile": _profile}
+                    "profile": _profile, "serve": _serve}
         return handlers[args.command](args)
     except (UnsupportedModel, CheckpointError, StoreError, RecordCorrupt, MemoryBudgetError, FileExistsError,
             FileNotFoundError, TraceError, ProfileError, MemoryError, ValueError) as e:

@@ -116,7 +116,7 @@ class GenerationStats:
         ])
 
 
-def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+def accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
@@ -129,7 +129,7 @@ def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sa
         return
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     past = DynamicCache(config=model.config)
     stats.prompt_tokens, stats.cache_budget = len(ids), cache.budget
     start = cache.total()

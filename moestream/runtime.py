@@ -31,6 +31,7 @@ from .quant import Int8Weight, expand
 from .reader import RecordReader
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import LayerInfo, Store, StoreError, record_tensors
+from .text import TextStream
 from .trace import TraceRecorder
 
 IMPLEMENTATION = "moestream"
@@ -234,20 +235,22 @@ class StreamedModel:
         })
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool | None = None,
-               **sampling) -> Iterator[str]:
-        """Generated text, piece by piece, as tokens are decoded."""
-        ids: list[int] = []
-        shown = ""
-        for t in self.stream_ids(prompt, max_new_tokens, chat, **sampling):
-            ids.append(t)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
+               stop: list[str] | tuple[str, ...] = (), **sampling) -> Iterator[str]:
+        """Generated text, piece by piece, as tokens are decoded; ends before the first `stop` string."""
+        text = TextStream(self.tokenizer, stop)
+        tokens = self.stream_ids(prompt, max_new_tokens, chat, **sampling)
+        for t in tokens:
+            if piece := text.add(t):
+                yield piece
+            if text.stopped is not None:
+                tokens.close()  # finish the stats
+                return
+        if piece := text.finish():
+            yield piece
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool | None = None,
-                 **sampling) -> str:
-        return "".join(self.stream(prompt, max_new_tokens, chat, **sampling))
+                 stop: list[str] | tuple[str, ...] = (), **sampling) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, chat, stop, **sampling))
 
     def close(self) -> None:
         self.cache.clear()
@@ -264,10 +267,11 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
          cache_policy: str = "lru", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
-         pin_share: float = 0.5) -> StreamedModel:
+         pin_share: float = 0.5, sequences: int = 1) -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
+    `sequences` KV caches of `context` tokens are reserved within `memory` (a server's batch).
     """
     from .stores import ensure_store
 
@@ -278,7 +282,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         dtype = getattr(torch, dtype)
     dtype = dtype or store.dtype
     config = load_config(str(store.root))
-    plan = plan_memory(store, config, memory=memory, cache=cache, dtype=dtype, context=context, device=device)
+    plan = plan_memory(store, config, memory=memory, cache=cache, dtype=dtype, context=context, device=device,
+                       sequences=sequences)
     config._experts_implementation = IMPLEMENTATION
     model = meta_model(config, dtype)
     experts = experts_modules(model)
