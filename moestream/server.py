@@ -125,6 +125,18 @@ def _param(loc) -> str | None:
     return ".".join(keep) or None
 
 
+UNSUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "logprobs",
+               "top_logprobs": "logprobs", "echo": "echo", "suffix": "suffix", "best_of": "best_of"}
+
+
+def _refuse_unsupported(body: BaseModel) -> None:
+    """Say so rather than silently ignore a feature the client relies on."""
+    for field, what in UNSUPPORTED.items():
+        value = (body.model_extra or {}).get(field)
+        if value not in (None, False, [], 0) and not (field == "best_of" and value == 1):
+            raise ApiError(400, f"{field}: {what} is not supported by moestream yet", param=field)
+
+
 def _stops(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4:
@@ -222,12 +234,24 @@ class Server:
             if job.request.finish_reason is None:
                 self.engine.cancel(job.request)
 
-    async def collect(self, job: Job) -> tuple[str, str]:
+    async def collect(self, job: Job, http: HttpRequest) -> tuple[str, str]:
+        """The whole text; a client that hangs up before it is done frees its slot too."""
+        async def watch() -> None:
+            while job.request.finish_reason is None:
+                if await http.is_disconnected():
+                    self.engine.cancel(job.request)
+                    return
+                await asyncio.sleep(0.25)
+
+        watcher = asyncio.create_task(watch())
         text, finish = [], None
-        async for piece, finish in self.pieces(job):
-            if finish == "error":
-                raise ApiError(500, f"generation failed: {piece}", kind="server_error")
-            text.append(piece)
+        try:
+            async for piece, finish in self.pieces(job):
+                if finish == "error":
+                    raise ApiError(500, f"generation failed: {piece}", kind="server_error")
+                text.append(piece)
+        finally:
+            watcher.cancel()
         return "".join(text), finish
 
     def usage(self, job: Job) -> dict:
@@ -279,21 +303,32 @@ def _sse(data: dict | str, event: str | None = None) -> str:
 ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens"}
 
 
+class KeyCheck:
+    """With an API key set, every path but /health needs it (a plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would hide client disconnects from the endpoints)."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, (key or "").encode()
+
+    async def __call__(self, scope, receive, send):
+        if self.key and scope["type"] == "http" and scope["path"] != "/health":
+            headers = dict(scope["headers"])
+            given = headers.get(b"x-api-key", b"")
+            bearer = headers.get(b"authorization", b"")
+            if bearer[:7].lower() == b"bearer ":
+                given = bearer[7:].strip()
+            if not hmac.compare_digest(given, self.key):
+                response = error_response(scope["path"], ApiError(401, "missing or wrong API key",
+                                                                  kind="authentication_error", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="moestream", version="1", docs_url=None, redoc_url=None)
 
-    @app.middleware("http")
-    async def auth(request: HttpRequest, call_next):
-        if server.api_key and request.url.path != "/health":
-            given = request.headers.get("x-api-key") or ""
-            bearer = request.headers.get("authorization") or ""
-            if bearer.lower().startswith("bearer "):
-                given = bearer[7:].strip()
-            if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-                return error_response(request.url.path, ApiError(401, "missing or wrong API key",
-                                                                 kind="authentication_error",
-                                                                 code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(KeyCheck, key=server.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: HttpRequest, e: ApiError):
@@ -335,14 +370,15 @@ def create_app(server: Server) -> FastAPI:
         return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, http: HttpRequest):
         server._check_model(body.model)
+        _refuse_unsupported(body)
         ids = server._chat_ids([{"role": m.role, "content": _text(m.content)} for m in body.messages])
         job = server.submit(ids, body, body.max_completion_tokens or body.max_tokens, _stops(body.stop))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": server.name, "system_fingerprint": "moestream"}
         if not body.stream:
-            text, finish = await server.collect(job)
+            text, finish = await server.collect(job, http)
             return {**head, "object": "chat.completion", "usage": server.usage(job), "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                  "logprobs": None}]}
@@ -368,14 +404,15 @@ def create_app(server: Server) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: HttpRequest):
         server._check_model(body.model)
+        _refuse_unsupported(body)
         job = server.submit(server._prompt_ids(body.prompt), body, body.max_tokens or 16, _stops(body.stop),
                             param="prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": server.name}
         if not body.stream:
-            text, finish = await server.collect(job)
+            text, finish = await server.collect(job, http)
             return {**head, "usage": server.usage(job), "choices": [
                 {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
 
@@ -394,8 +431,9 @@ def create_app(server: Server) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/messages")
-    async def messages(body: MessagesRequest):
+    async def messages(body: MessagesRequest, http: HttpRequest):
         server._check_model(body.model)
+        _refuse_unsupported(body)
         turns = [{"role": "system", "content": _text(body.system)}] if body.system else []
         turns += [{"role": m.role, "content": _text(m.content)} for m in body.messages]
         job = server.submit(server._chat_ids(turns), body, body.max_tokens, body.stop_sequences or [],
@@ -410,7 +448,7 @@ def create_app(server: Server) -> FastAPI:
 
         usage_in = {"input_tokens": job.prompt_tokens, "output_tokens": 0}
         if not body.stream:
-            text, _ = await server.collect(job)
+            text, _ = await server.collect(job, http)
             return {"id": mid, "type": "message", "role": "assistant", "model": server.name,
                     "content": [{"type": "text", "text": text}], **stop_fields(),
                     "usage": {**usage_in, "output_tokens": len(job.request.generated)}}

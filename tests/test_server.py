@@ -193,6 +193,10 @@ def test_anthropic_messages_plain_and_streaming(http, reference):
     ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_lives(http, path, body, status, param):
     r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
@@ -228,6 +232,18 @@ def test_disconnect_mid_stream_frees_the_slot(http, server):
         time.sleep(0.2)
     r = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 4})
     assert r.status_code == 200
+
+
+def test_non_streaming_client_that_hangs_up_frees_its_slot(http, server):
+    cancelled = _metric(http, 'requests_total{reason="cancelled"')
+    body = {"model": NAME, "prompt": PROMPTS[1], "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server[1]}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 30
+    while _metric(http, 'requests_total{reason="cancelled"') <= cancelled or _metric(http, "active_requests"):
+        assert time.monotonic() < deadline, "the abandoned request kept its slot"
+        time.sleep(0.2)
 
 
 def _post(base: str, i: int) -> tuple[int, str | None]:
