@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
+from .quant import expanded_values
 from .sizes import format_size, parse_size
 from .store import Store
 
@@ -110,8 +111,8 @@ def plan_memory(store: Store, config: PretrainedConfig, memory=None, cache=None,
     kv = kv_cache_bytes(config, context * sequences, dtype)
     work = working_bytes(config, context)
     if dtype != store.dtype or store.meta["quant"]["experts"] != "none":
-        # one expert expanded at use: up to 2 values per stored byte (int4), through a float32 intermediate
-        work += record * 2 * (4 + dtype.itemsize)
+        # one expert expanded at use, through a float32 intermediate
+        work += max((expanded_values(i.tensors) for i in store.layers), default=0) * (4 + dtype.itemsize)
     on_host = device is None or device.type == "cpu"
     host_dense, host_kv = (dense, kv) if on_host else (0, 0)
     baseline = rss_bytes()

@@ -9,6 +9,7 @@ expert plus one dense tensor, and the records hold exactly what transformers wou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -192,31 +193,29 @@ def _stored(tensors: dict[str, torch.Tensor], scheme: str | None, group: int) ->
     return out
 
 
-def _write_layer(plan: _ExpertPlan, ckpt: Checkpoint, path: Path, bar: tqdm, scheme: str | None = None,
-                 group: int = 32) -> LayerInfo:
-    first = _expert_tensors(plan, 0, ckpt)
-    stored = _stored(first, scheme, group)
-    slots, record_bytes = record_layout([(p, t.dtype, tuple(t.shape)) for p, t in stored.items()])
+def write_layer(path: Path, layer: int, module: str, experts: int, tensors_of, bar: tqdm) -> LayerInfo:
+    """One layer's expert file: record e holds `tensors_of(e)` (name -> tensor, as stored), all alike."""
+    first = tensors_of(0)
+    slots, record_bytes = record_layout([(p, t.dtype, tuple(t.shape)) for p, t in first.items()])
     sums = []
     record = torch.zeros(record_bytes, dtype=torch.uint8)
     with open(path, "wb") as f:
-        for e in range(plan.experts):
-            source = first if e == 0 else _expert_tensors(plan, e, ckpt)
-            tensors = _stored(source, scheme, group)
+        for e in range(experts):
+            tensors = first if e == 0 else tensors_of(e)
             record.zero_()
             for s in slots:
                 t = tensors[s.name]
-                if dtype_name(t.dtype) != s.dtype:
-                    raise UnsupportedModel(f"{plan.module}.{s.name}: expert {e} is {t.dtype}, expert 0 is {s.dtype}")
+                if dtype_name(t.dtype) != s.dtype or tuple(t.shape) != s.shape:
+                    raise UnsupportedModel(f"{module}.{s.name}: expert {e} is {t.dtype} {tuple(t.shape)}, expert 0 "
+                                           f"is {s.dtype} {s.shape}")
                 record[s.offset : s.offset + s.nbytes] = t.contiguous().view(-1).view(torch.uint8)
             data = record.numpy().data
             sums.append(checksum(data))
             f.write(data)
-            bar.update(sum(t.numel() * t.element_size() for t in source.values()))
+            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
         f.flush()
         os.fsync(f.fileno())
-    return LayerInfo(plan.layer, plan.module, str(path.relative_to(path.parent.parent)), plan.experts,
-                     record_bytes, slots, sums)
+    return LayerInfo(layer, module, str(path.relative_to(path.parent.parent)), experts, record_bytes, slots, sums)
 
 
 def _partial_dirs(out: Path) -> list[Path]:
@@ -240,74 +239,19 @@ def _store_dtype(specs) -> torch.dtype:
     return max(by, key=by.get) if by else torch.float32
 
 
-def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: str | None = None,
-            progress: bool = True, experts: str | None = None, group: int = 32) -> Path:
-    """Convert checkpoint `src` (directory or hub id) into a store at `out`; returns `out`.
-
-    `experts` = 'int8' or 'int4' quantises the experts (lossy, opt-in); None keeps them as they are.
-
-    Nothing appears at `out` until the store is complete: everything is written into a
-    temporary sibling directory that is renamed at the end, and removed on any failure.
-    """
-    out = Path(out).expanduser().absolute()
-    if experts is not None and experts not in SCHEMES:
-        raise ValueError(f"--experts {experts!r}: choose one of {', '.join(SCHEMES)}")
+@contextlib.contextmanager
+def store_directory(out: Path, force: bool):
+    """A temporary sibling of `out` to write into, renamed to `out` when the block succeeds and removed
+    when it fails: nothing half-written ever appears at `out`, and an existing `out` survives failures."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    src_dir = resolve_source(src, revision)
-    config = load_config(str(src_dir))
-    check_weights_supported(config, str(src_dir))
-    model = meta_model(config)
-    ckpt = Checkpoint(src_dir)
-    plan = _Plan(model, ckpt)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "experts").mkdir(parents=True)
-    t0 = time.time()
-    skipped = set(plan.skipped)
-    total = sum(ckpt.nbytes(k) for k in ckpt.keys() if k not in skipped)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {out.name}",
-                  disable=not progress) as bar:
-
-            def dense_tensors():
-                for g in plan.dense:
-                    for name, t in _run_groups([g], ckpt.get).items():
-                        bar.update(t.numel() * t.element_size())
-                        yield name, t
-
-            dense_bytes = write_safetensors(tmp / DENSE_FILE, plan.dense_specs, dense_tensors(),
-                                            {"format": "pt", "producer": f"moestream {__version__}"})
-            layers = []
-            for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):
-                p = plan.experts[module]
-                path = tmp / "experts" / f"layer-{p.layer:03d}.bin"
-                layers.append(_write_layer(p, ckpt, path, bar, experts, group))
-
-        for f in sorted(src_dir.iterdir()):
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "producer": f"moestream {__version__}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {"model": str(src), "path": str(src_dir), "revision": revision, "files": ckpt.files()},
-            "model_type": config.model_type,
-            "architecture": type(model).__name__,
-            "dtype": dtype_name(_store_dtype(plan.dense_specs)),
-            "quant": {"experts": scheme_name(experts, group) if experts else "none", "dense": "none"},
-            "alignment": ALIGN,
-            "checksum": CHECKSUM,
-            "dense": {"path": DENSE_FILE, "bytes": dense_bytes, "tensors": len(plan.dense_specs)},
-            "skipped_keys": plan.skipped,
-            "convert_seconds": round(time.time() - t0, 3),
-            "layers": [i.to_json() for i in layers],
-        }
-        (tmp / STORE_JSON).write_text(json.dumps(meta, indent=1))
+        yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -318,4 +262,83 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_meta(tmp: Path, *, source: dict, config, model, dtype: torch.dtype, quant: dict, dense_bytes: int,
+               dense_tensors: int, layers: list[LayerInfo], seconds: float, skipped: list[str] = ()) -> None:
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": f"moestream {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "dtype": dtype_name(dtype),
+        "quant": quant,
+        "alignment": ALIGN,
+        "checksum": CHECKSUM,
+        "dense": {"path": DENSE_FILE, "bytes": dense_bytes, "tensors": dense_tensors},
+        "skipped_keys": list(skipped),
+        "convert_seconds": round(seconds, 3),
+        "layers": [i.to_json() for i in layers],
+    }
+    (tmp / STORE_JSON).write_text(json.dumps(meta, indent=1))
+
+
+def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: str | None = None,
+            progress: bool = True, experts: str | None = None, group: int = 32,
+            dtype: torch.dtype | None = None) -> Path:
+    """Convert checkpoint `src` (directory, hub id or .gguf file) into a store at `out`; returns `out`.
+
+    `experts` = 'int8' or 'int4' quantises the experts (lossy, opt-in); None keeps them as they are.
+    `dtype`: the dense weights' dtype for a GGUF source (default bfloat16; float32 keeps them exact).
+
+    Nothing appears at `out` until the store is complete: everything is written into a
+    temporary sibling directory that is renamed at the end, and removed on any failure.
+    """
+    out = Path(out).expanduser().absolute()
+    if experts is not None and experts not in SCHEMES:
+        raise ValueError(f"--experts {experts!r}: choose one of {', '.join(SCHEMES)}")
+    if str(src).endswith(".gguf"):
+        from .gguf_import import convert_gguf
+
+        if experts is not None:
+            raise ValueError("--experts: a GGUF file's experts keep their own quantisation (see `moestream inspect`)")
+        return convert_gguf(Path(src), out, force=force, progress=progress, dtype=dtype)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    src_dir = resolve_source(src, revision)
+    config = load_config(str(src_dir))
+    check_weights_supported(config, str(src_dir))
+    model = meta_model(config)
+    ckpt = Checkpoint(src_dir)
+    plan = _Plan(model, ckpt)
+    t0 = time.time()
+    skipped = set(plan.skipped)
+    total = sum(ckpt.nbytes(k) for k in ckpt.keys() if k not in skipped)
+    with store_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {out.name}",
+                                                  disable=not progress) as bar:
+
+        def dense_tensors():
+            for g in plan.dense:
+                for name, t in _run_groups([g], ckpt.get).items():
+                    bar.update(t.numel() * t.element_size())
+                    yield name, t
+
+        dense_bytes = write_safetensors(tmp / DENSE_FILE, plan.dense_specs, dense_tensors(),
+                                        {"format": "pt", "producer": f"moestream {__version__}"})
+        layers = []
+        for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):
+            p = plan.experts[module]
+            layers.append(write_layer(tmp / "experts" / f"layer-{p.layer:03d}.bin", p.layer, module, p.experts,
+                                      lambda e, p=p: _stored(_expert_tensors(p, e, ckpt), experts, group), bar))
+        for f in sorted(src_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        write_meta(tmp, source={"model": str(src), "path": str(src_dir), "revision": revision, "files": ckpt.files()},
+                   config=config, model=model, dtype=_store_dtype(plan.dense_specs),
+                   quant={"experts": scheme_name(experts, group) if experts else "none", "dense": "none"},
+                   dense_bytes=dense_bytes, dense_tensors=len(plan.dense_specs), layers=layers,
+                   seconds=time.time() - t0, skipped=plan.skipped)
     return out

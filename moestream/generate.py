@@ -103,7 +103,8 @@ class GenerationStats:
             f"prompt               {self.prompt_tokens} tokens, prefill {self.prefill_tps:.1f} tok/s, "
             f"time to first token {self.ttft_seconds:.2f} s",
             f"generated            {self.generated_tokens} tokens, decode {self.decode_tps:.2f} tok/s",
-            *([f"experts format       {self.experts_format} (LOSSY: quantised at convert)"]
+            *([f"experts format       {self.experts_format} (LOSSY: "
+               f"{'as quantised in the GGUF file' if self.experts_format.startswith('gguf') else 'quantised at convert'})"]
               if self.experts_format != "none" else []),
             f"expert cache         {format_size(self.cache_budget)}, hit rate {100 * io.hit_rate:.1f} % "
             f"({io.hits} hits, {io.misses} misses, {io.evictions} evictions)",

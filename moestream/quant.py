@@ -7,6 +7,12 @@ A record then holds, per matrix `name`, `name.q` (int8, or uint8 with two int4 p
 `name.scale`; vectors (biases) stay as they were. Rows are the stored layout's rows: for modules
 stored transposed (GPT-OSS) that groups along the output dimension, still symmetric and exact in
 its own terms.
+
+Imported GGUF files add (gguf_import.py): int8 with one scale per group of 32 (`scale` is 2-D: Q8_0),
+int4 with fp16 scales (Q4_0), both bit-exact transcodes; `name.gguf_TYPE`, a matrix kept in
+llama.cpp's own blocks (K-quants and the rest) and dequantised at use by the `gguf` package; and
+`name#0`, `name#1`: row pieces of one matrix stored separately (gate and up in different formats),
+joined after expansion.
 """
 
 from __future__ import annotations
@@ -44,8 +50,12 @@ def quantize(t: torch.Tensor, scheme: str, group: int = 32) -> dict[str, torch.T
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The matrix in `dtype`, from its stored parts (the scheme is told by q's dtype)."""
+    """The matrix in `dtype`, from its stored parts (the scheme is told by q's dtype and scale's shape)."""
     if q.dtype == torch.int8:
+        if scale.dim() == 2:  # one scale per group along the row
+            rows, cols = q.shape
+            w = q.view(rows, scale.shape[1], -1).to(torch.float32) * scale.to(torch.float32)[:, :, None]
+            return w.view(rows, cols).to(dtype)
         return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
     rows = q.shape[0]
     vals = torch.stack([(q & 0x0F), (q >> 4)], dim=-1).view(rows, -1).to(torch.int8) - 8
@@ -66,18 +76,67 @@ class Int8Weight:
         return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
 
 
+GGUF_SUFFIX = ".gguf_"
+
+
+def gguf_type(name: str):
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType[name]
+    except KeyError:
+        raise ValueError(f"unknown GGUF tensor type {name!r}") from None
+
+
+def dequantize_gguf(blocks: torch.Tensor, type_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A matrix kept in llama.cpp's blocks ([rows, bytes per row], uint8), in `dtype`, by the gguf package's
+    (numpy, vectorised) dequantiser: the same arithmetic as llama.cpp's reference dequantisation."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    device = blocks.device
+    w = torch.from_numpy(gguf_dequantize(blocks.cpu().numpy(), gguf_type(type_name)))
+    return w.to(device=device, dtype=dtype)
+
+
+def expanded_values(slots) -> int:
+    """Values of a record once every matrix is expanded (what a memory plan reserves room for)."""
+    import gguf
+
+    n = 0
+    for s in slots:
+        count = 1
+        for d in s.shape:
+            count *= d
+        if s.name.endswith(".scale"):
+            continue
+        if GGUF_SUFFIX in s.name:
+            block, size = gguf.GGML_QUANT_SIZES[gguf_type(s.name.split(GGUF_SUFFIX)[1])]
+            count = count // size * block
+        elif s.name.endswith(".q") and s.dtype == "uint8":
+            count *= 2
+        n += count
+    return n
+
+
 def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, int8_kernel: bool = False) -> dict:
     """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name` (or, for
-    int8 with `int8_kernel`, kept packed as an Int8Weight), everything else cast to `dtype` where it differs."""
+    per-channel int8 with `int8_kernel`, kept packed as an Int8Weight), GGUF blocks dequantised, row
+    pieces joined, everything else cast to `dtype` where it differs."""
     out = {}
     for name, t in parts.items():
         if name.endswith(".q"):
             base = name[:-2]
             scale = parts[base + ".scale"]
-            if int8_kernel and t.dtype == torch.int8:
+            if int8_kernel and t.dtype == torch.int8 and scale.dim() == 1:
                 out[base] = Int8Weight(t, scale.to(dtype))
             else:
                 out[base] = dequantize(t, scale, dtype)
+        elif GGUF_SUFFIX in name:
+            base, type_name = name.split(GGUF_SUFFIX)
+            out[base] = dequantize_gguf(t, type_name, dtype)
         elif not name.endswith(".scale"):
             out[name] = t if t.dtype == dtype else t.to(dtype)
+    for base in sorted({n.split("#")[0] for n in out if "#" in n}):
+        pieces = sorted((n for n in out if n.startswith(base + "#")), key=lambda n: int(n.split("#")[1]))
+        out[base] = torch.cat([out.pop(n) for n in pieces])
     return out

@@ -1,0 +1,126 @@
+"""Write a transformers Qwen-MoE model as a GGUF file, with llama.cpp's tensor names and metadata.
+
+For the GGUF import's tests (files written here with the `gguf` package, not downloaded) and for
+benchmarks that run llama.cpp on the same weights as moestream. Experts in Q4_0, Q8_0, F16 or
+F32 (the types gguf-py can quantise); `quantize` may be replaced to write other block types.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+
+
+def _name_map(model) -> dict[str, str]:
+    """model parameter name -> GGUF tensor name (experts' fused gate_up maps to the gate name)."""
+    from transformers.modeling_gguf_pytorch_utils import Qwen2MoeTensorProcessor, get_gguf_hf_weights_map
+
+    out = {}
+    for gguf_name, hf in get_gguf_hf_weights_map(model, Qwen2MoeTensorProcessor()).items():
+        if "_exps" in gguf_name:
+            gguf_name += ".weight"
+            if "ffn_up_exps" in gguf_name:
+                continue
+        out[hf] = gguf_name
+    return out
+
+
+def _tokenizer_metadata(w, tokenizer, vocab_size: int) -> None:
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    special = set(tokenizer.all_special_ids)
+    types = [3 if i in special else 1 for i in range(len(tokenizer))] + [4] * (vocab_size - len(tokenizer))
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for attr, add in (("eos_token_id", w.add_eos_token_id), ("bos_token_id", w.add_bos_token_id),
+                      ("pad_token_id", w.add_pad_token_id)):
+        if getattr(tokenizer, attr, None) is not None:
+            add(getattr(tokenizer, attr))
+    w.add_add_bos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        w.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", dense: str = "F32",
+                quantize: Callable[[np.ndarray, object], np.ndarray] | None = None,
+                types: dict[str, str] | None = None) -> Path:
+    """Write `model` (Qwen3-MoE or Qwen2-MoE, real weights) to `path`.
+
+    `experts` / `dense`: the GGUF type of expert matrices and of dense matrices (norms, biases and
+    routers stay F32, as llama.cpp keeps them); `types` overrides per expert part ("gate", "up",
+    "down"); `quantize(array, type)` makes the blocks (default: gguf-py's quantiser)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    c = model.config
+    arch = ARCH_OF.get(c.model_type)
+    if arch is None:
+        raise ValueError(f"GGUF export supports {', '.join(ARCH_OF)}, not {c.model_type}")
+    quantize = quantize or gguf.quants.quantize
+    path = Path(path)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(getattr(c, "_name_or_path", "") or arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    w.add_rope_freq_base(float(rope))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if getattr(c, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if experts == "Q4_0" else gguf.LlamaFileType.ALL_F32)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is not None:
+        _tokenizer_metadata(w, tokenizer, c.vocab_size)
+
+    def put(name: str, t: torch.Tensor, type_name: str) -> None:
+        a = t.detach().float().numpy()
+        if type_name == "F32" or a.ndim == 1:
+            w.add_tensor(name, a)
+        elif type_name == "F16":
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            qt = Q[type_name]
+            w.add_tensor(name, quantize(a, qt), raw_dtype=qt)
+
+    names = _name_map(model)
+    kinds = {"gate": experts, "up": experts, "down": experts, **(types or {})}
+    for hf, t in model.state_dict().items():
+        if hf not in names:
+            continue  # tied lm_head
+        name = names[hf]
+        if name.endswith("ffn_gate_exps.weight"):
+            ff = t.shape[1] // 2
+            put(name, t[:, :ff], kinds["gate"])
+            put(name.replace("ffn_gate_exps", "ffn_up_exps"), t[:, ff:], kinds["up"])
+        elif name.endswith("ffn_down_exps.weight"):
+            put(name, t, kinds["down"])
+        elif "ffn_gate_inp" in name or t.dim() == 1:
+            put(name, t.reshape(-1) if "shexp" in name else t, "F32")
+        else:
+            put(name, t, dense)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,220 @@
+"""`moestream convert model.gguf`: llama.cpp's GGUF files into a store.
+
+The config and the tokenizer come from the file's metadata through transformers' own GGUF reader,
+so the model is transformers' class as for any checkpoint; tensor names are mapped with the table
+transformers uses (gguf-py's tensor name map). Dense tensors are dequantised into `dtype`.
+Experts keep their bytes:
+
+- Q4_0 and Q8_0 become the store's int4 / int8 group-32 formats with fp16 scales, bit for bit
+  (Q4_0 only changes its nibble order): same values, same size, torch-side expansion;
+- F32 / F16 / BF16 stay as they are;
+- every other type (K-quants, IQ, Q4_1, Q5_x, MXFP4...) stays in llama.cpp's blocks and is
+  dequantised at use by the `gguf` package (numpy, vectorised, the reference arithmetic): exact,
+  compact on disk, slower to expand (see README).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .convert import store_directory, write_layer, write_meta
+from .quant import GGUF_SUFFIX
+from .safetensors_io import write_safetensors
+from .skeleton import UnsupportedModel, expert_params, experts_modules, layer_index, meta_model
+from .store import DENSE_FILE
+
+# GGUF architecture -> transformers model type; both sides must know the layout (transformers reads
+# the config of these, and their experts are plain gate/up/down matrices).
+ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed tables, rebuilt by transformers
+FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+TRANSCODED = {"Q4_0": "int4_g32", "Q8_0": "int8_g32"}
+
+
+def read_field(reader, key: str):
+    """A metadata value as Python (str, number, or list), or None."""
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _open(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct errors, IndexError on damaged files
+        raise UnsupportedModel(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = read_field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise UnsupportedModel(f"{path}: GGUF architecture {arch!r} is not supported yet; supported: "
+                               f"{', '.join(sorted(ARCHS))}")
+    return reader, arch
+
+
+def _tensor(data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(data))  # a copy: the reader's arrays are read-only views of the file
+
+
+def stored_matrix(type_name: str, data: np.ndarray) -> dict[str, torch.Tensor]:
+    """One expert matrix as a record keeps it (suffix -> tensor), from its GGUF rows.
+
+    `data` is [rows, cols] for float types, [rows, bytes per row] of blocks otherwise."""
+    if type_name in FLOATS:
+        t = _tensor(data)
+        return {"": t.view(torch.bfloat16) if type_name == "BF16" else t}
+    rows = data.shape[0]
+    if type_name == "Q4_0":  # block: fp16 d, 16 bytes; element j in the low nibble of byte j, j+16 in the high
+        b = _tensor(data).view(rows, -1, 18)
+        qs = b[..., 2:]
+        vals = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [rows, blocks, 32] in element order
+        packed = vals[..., 0::2] | (vals[..., 1::2] << 4)  # the store's order: element 2i low, 2i+1 high
+        return {".q": packed.reshape(rows, -1), ".scale": b[..., :2].contiguous().view(torch.float16).view(rows, -1)}
+    if type_name == "Q8_0":  # block: fp16 d, 32 int8
+        b = _tensor(data).view(rows, -1, 34)
+        return {".q": b[..., 2:].contiguous().view(torch.int8).reshape(rows, -1),
+                ".scale": b[..., :2].contiguous().view(torch.float16).view(rows, -1)}
+    return {f"{GGUF_SUFFIX}{type_name}": _tensor(data)}
+
+
+def _expert_record(parts: dict[str, tuple[str, np.ndarray]], e: int, transposed: bool) -> dict[str, torch.Tensor]:
+    """Expert e's record: gate and up rows fused into gate_up_proj (pieces #0/#1 if their types differ)."""
+    if transposed:
+        raise UnsupportedModel("GGUF import of transposed expert layouts is not supported yet")
+    out: dict[str, torch.Tensor] = {}
+    (gt, gate), (ut, up), (dt, down) = parts["gate"], parts["up"], parts["down"]
+    if gt == ut:
+        both = np.concatenate([gate[e], up[e]])
+        out.update({f"gate_up_proj{k}": v for k, v in stored_matrix(gt, both).items()})
+    else:
+        out.update({f"gate_up_proj#0{k}": v for k, v in stored_matrix(gt, gate[e]).items()})
+        out.update({f"gate_up_proj#1{k}": v for k, v in stored_matrix(ut, up[e]).items()})
+    out.update({f"down_proj{k}": v for k, v in stored_matrix(dt, down[e]).items()})
+    return out
+
+
+# Keys transformers' GGUF config reader (5.25) does not map for these architectures; without them a
+# model whose sizes differ from the config class's defaults would be built with the wrong shapes.
+EXTRA_KEYS = {"moe_intermediate_size": "expert_feed_forward_length",
+              "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+              "head_dim": "attention.key_length", "norm_topk_prob": "expert_weights_norm"}
+
+
+def gguf_config(path: Path, reader=None, arch: str | None = None):
+    """transformers' config from the GGUF metadata, completed with the MoE sizes it leaves out."""
+    from transformers import AutoConfig
+
+    if reader is None:
+        reader, arch = _open(path)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    for attr, key in EXTRA_KEYS.items():
+        value = read_field(reader, f"{arch}.{key}")
+        if value is not None and hasattr(config, attr):
+            setattr(config, attr, bool(value) if attr == "norm_topk_prob" else int(value))
+    return config
+
+
+def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = True,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write the store for GGUF file `path` at `out` (see the module docstring)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quant_shape_from_byte_shape
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import Qwen2MoeTensorProcessor, get_gguf_hf_weights_map
+
+    path = Path(path).expanduser().absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    reader, arch = _open(path)
+    dtype = dtype or torch.bfloat16
+    config = gguf_config(path, reader, arch)
+    model = meta_model(config, dtype)
+    meta_sd = model.state_dict()
+    mapping = get_gguf_hf_weights_map(model, Qwen2MoeTensorProcessor())
+    experts = {layer_index(n): (n, m) for n, m in experts_modules(model).items()}
+
+    dense, expert_parts, types = [], {}, {"dense": set(), "experts": set()}
+    for t in reader.tensors:
+        type_name = t.tensor_type.name
+        if m := EXPERT_TENSOR.match(t.name):
+            layer, part = int(m.group(1)), m.group(2)
+            if layer not in experts:
+                raise UnsupportedModel(f"{path}: {t.name}, but the config makes layer {layer} a dense layer")
+            expert_parts.setdefault(layer, {})[part] = (type_name, t.data)
+            types["experts"].add(type_name)
+            continue
+        hf = mapping.get(t.name)
+        if hf is None:
+            if t.name in IGNORED:
+                continue
+            raise UnsupportedModel(f"{path}: tensor {t.name} has no place in {type(model).__name__}")
+        if hf not in meta_sd:
+            raise UnsupportedModel(f"{path}: {t.name} maps to {hf}, which {type(model).__name__} lacks")
+        dense.append((hf, t))
+        types["dense"].add(type_name)
+    tied = getattr(model, "all_tied_weights_keys", {}) or {}
+    expert_names = {f"{n}.{p}" for n, m in experts.values() for p in expert_params(m)}
+    missing = [k for k in meta_sd if k not in {h for h, _ in dense} and k not in tied and k not in expert_names]
+    if missing:
+        raise UnsupportedModel(f"{path}: the file lacks {len(missing)} tensor(s) that {type(model).__name__} needs, "
+                               f"e.g. {', '.join(missing[:5])}")
+    for layer, (name, module) in experts.items():
+        parts = expert_parts.get(layer, {})
+        if set(parts) != {"gate", "up", "down"}:
+            raise UnsupportedModel(f"{path}: layer {layer} lacks some of ffn_gate_exps, ffn_up_exps, ffn_down_exps")
+        want = {k: tuple(v.shape) for k, v in expert_params(module).items()}
+        n, rows, cols = want["gate_up_proj"]
+        for part, shape in (("gate", (n, rows // 2, cols)), ("up", (n, rows // 2, cols)), ("down", want["down_proj"])):
+            type_name, data = parts[part]
+            got = tuple(data.shape) if type_name in FLOATS else tuple(quant_shape_from_byte_shape(
+                data.shape, GGMLQuantizationType[type_name]))
+            if got != shape:
+                raise UnsupportedModel(f"{path}: blk.{layer}.ffn_{part}_exps is {got} (experts, rows, cols), the "
+                                       f"config makes it {shape}")
+
+    t0 = time.time()
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    with store_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True,
+                                                  desc=f"convert {out.name}", disable=not progress) as bar:
+        specs = [(hf, dtype, tuple(meta_sd[hf].shape)) for hf, _ in dense]
+
+        def dense_tensors():
+            for hf, t in dense:
+                w = _tensor(dequantize(t.data, t.tensor_type)).reshape(meta_sd[hf].shape)
+                bar.update(int(t.n_bytes))
+                yield hf, w.to(dtype)
+
+        dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, dense_tensors(),
+                                        {"format": "pt", "producer": f"moestream {__version__}"})
+        layers = []
+        for layer in sorted(experts):
+            name, module = experts[layer]
+            parts = expert_parts[layer]
+            n = parts["gate"][1].shape[0]
+            layers.append(write_layer(tmp / "experts" / f"layer-{layer:03d}.bin", layer, name, n,
+                                      lambda e, p=parts, m=module: _expert_record(p, e, m.is_transposed), bar))
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        except Exception as e:  # a store without a tokenizer still runs on token ids
+            print(f"note: {path.name}: no tokenizer from the GGUF metadata ({type(e).__name__}: {e})", file=sys.stderr)
+        experts_format = "gguf " + ",".join(sorted(types["experts"]))
+        transcoded = sorted({f"{k}->{v}" for k, v in TRANSCODED.items() if k in types["experts"]})
+        write_meta(tmp, source={"model": str(path), "path": str(path), "revision": None,
+                                "files": {path.name: path.stat().st_size}, "gguf_architecture": arch},
+                   config=config, model=model, dtype=dtype,
+                   quant={"experts": experts_format, "experts_transcoded": transcoded,
+                          "dense": f"gguf {','.join(sorted(types['dense']))} -> {str(dtype).removeprefix('torch.')}"},
+                   dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers, seconds=time.time() - t0)
+    return out

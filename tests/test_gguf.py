@@ -1,0 +1,199 @@
+"""GGUF import: files written here with the gguf package, compared with their dequantised weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+
+import moestream
+from moestream.cli import main
+from moestream.convert import convert
+from moestream.gguf_export import _name_map, export_gguf
+from moestream.quant import expand
+from moestream.skeleton import UnsupportedModel
+from moestream.store import Store, record_tensors
+
+VOCAB = 320
+PROMPT = [5, 17, 101, 33, 250, 7, 64, 12]
+
+
+def qwen3(hidden: int = 64, ff: int = 64):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=96, moe_intermediate_size=ff,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, initializer_range=0.2,
+                            tie_word_embeddings=False, eos_token_id=0)
+    return Qwen3MoeForCausalLM(config).float().eval()
+
+
+def qwen2():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, initializer_range=0.2,
+                            tie_word_embeddings=True, eos_token_id=0)
+    return Qwen2MoeForCausalLM(config).float().eval()
+
+
+def random_blocks(a: np.ndarray, qtype: Q) -> np.ndarray:
+    """Valid blocks of a K-quant gguf-py cannot quantise into: random bits, sane fp16 super-block scales.
+    The file's dequantised values, not the model's, are then the reference."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(a.size)
+    b = rng.integers(0, 256, size=(*a.shape[:-1], a.shape[-1] // block, size), dtype=np.uint8)
+    scale = lambda lo, hi: rng.uniform(lo, hi, size=b.shape[:-1]).astype(np.float16).view(np.uint8).reshape(
+        *b.shape[:-1], 2)  # noqa: E731
+    if qtype == Q.Q4_K:  # d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+        b[..., 0:2], b[..., 2:4] = scale(0.0005, 0.002), scale(0.0, 0.01)
+    elif qtype == Q.Q6_K:  # 128 low bits, 64 high bits, 16 int8 scales, then d
+        b[..., 208:210] = scale(0.0002, 0.001)
+    else:
+        raise ValueError(qtype)
+    return b.reshape(*a.shape[:-1], -1)
+
+
+def quantize_any(a: np.ndarray, qtype: Q) -> np.ndarray:
+    return random_blocks(a, qtype) if qtype in (Q.Q4_K, Q.Q6_K) else gguf.quants.quantize(a, qtype)
+
+
+def reference(model, path):
+    """`model` with every weight replaced by the file's values through gguf-py's dequantiser."""
+    values = {t.name: dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+    sd = model.state_dict()
+    for hf, name in _name_map(model).items():
+        if name.endswith("ffn_gate_exps.weight"):
+            v = np.concatenate([values[name], values[name.replace("gate_exps", "up_exps")]], axis=1)
+        else:
+            v = values[name]
+        sd[hf] = torch.from_numpy(np.array(v)).reshape(sd[hf].shape)
+    model.load_state_dict(sd)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from moestream.demo import build_tokenizer
+
+    return build_tokenizer(vocab_size=VOCAB, files=3)
+
+
+CASES = {
+    "Q4_0": (qwen3, {"experts": "Q4_0"}),
+    "Q8_0": (qwen3, {"experts": "Q8_0", "dense": "Q8_0"}),
+    "Q4_K_M-like": (lambda: qwen3(hidden=256, ff=256),
+                    {"experts": "Q4_K", "types": {"down": "Q6_K"}, "quantize": quantize_any}),
+    "mixed-gate-up": (lambda: qwen3(hidden=256, ff=256),
+                      {"experts": "Q4_K", "types": {"up": "Q8_0", "down": "F16"}, "quantize": quantize_any}),
+    "qwen2moe-Q4_0": (qwen2, {"experts": "Q4_0"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory, tok):
+    make, kwargs = CASES[request.param]
+    d = tmp_path_factory.mktemp("gguf")
+    path = export_gguf(make(), d / "model.gguf", tok, **kwargs)
+    store = convert(str(path), d / "store", dtype=torch.float32, progress=False)
+    return request.param, path, store, reference(make(), path)
+
+
+def test_streamed_logits_equal_the_dequantised_weights(case):
+    name, path, store, ref = case
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits
+    record = Store.open(store).layers[0].record_bytes
+    with moestream.load(store, cache=3 * record, progress=False) as m:  # 3 of 16 records: evictions
+        with torch.no_grad():
+            got = m.model(torch.tensor([PROMPT])).logits
+        assert m.cache.total().evictions > 0
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        greedy = ref.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        assert list(m.stream_ids(PROMPT, 12, stop_at_eos=False)) == greedy[0, len(PROMPT):].tolist()
+
+
+def test_expert_bytes_are_the_files_own(case):
+    """Q4_0/Q8_0 become int4/int8 g32 bit for bit; other types keep their blocks; records hold no more."""
+    name, path, store, ref = case
+    s = Store.open(store)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    info = s.layers[0]
+    native = sum(int(tensors[f"blk.{info.layer}.ffn_{p}_exps.weight"].n_bytes) for p in ("gate", "up", "down"))
+    assert info.record_bytes * info.experts <= native + info.experts * 4096 + 64 * 4 * info.experts
+    buf = torch.from_numpy(np.fromfile(store / info.path, dtype=np.uint8, count=info.record_bytes, offset=0))
+    w = expand(record_tensors(buf, info.tensors), torch.float32)
+    gate = dequantize(tensors[f"blk.{info.layer}.ffn_gate_exps.weight"].data, tensors[
+        f"blk.{info.layer}.ffn_gate_exps.weight"].tensor_type)[0]
+    down = dequantize(tensors[f"blk.{info.layer}.ffn_down_exps.weight"].data, tensors[
+        f"blk.{info.layer}.ffn_down_exps.weight"].tensor_type)[0]
+    assert torch.equal(w["gate_up_proj"][: gate.shape[0]], torch.from_numpy(np.array(gate)))
+    assert torch.equal(w["down_proj"], torch.from_numpy(np.array(down)))
+    meta = json.loads((store / "store.json").read_text())
+    assert meta["quant"]["experts"].startswith("gguf ")
+    if name == "Q4_0":
+        assert meta["quant"]["experts_transcoded"] == ["Q4_0->int4_g32"]
+        assert {t.name for t in info.tensors} == {"gate_up_proj.q", "gate_up_proj.scale", "down_proj.q",
+                                                  "down_proj.scale"}
+    if name == "mixed-gate-up":
+        assert {t.name for t in info.tensors} >= {"gate_up_proj#0.gguf_Q4_K", "gate_up_proj#1.q", "down_proj"}
+
+
+def test_tokenizer_comes_from_the_gguf_metadata(case, tok):
+    """Same vocabulary and decoding; splitting text follows transformers' converter for the architecture
+    (Qwen2's pre-tokenizer regex), which this test tokenizer does not use, so ids may split differently."""
+    name, path, store, ref = case
+    from transformers import AutoTokenizer
+
+    got = AutoTokenizer.from_pretrained(store)
+    assert {k: v for k, v in got.get_vocab().items() if v < len(tok)} == tok.get_vocab()
+    text = "def parse(path):\n    return open(path).read()  # done"
+    ids = tok(text)["input_ids"]
+    assert got.decode(ids) == tok.decode(ids) == text
+    assert got.decode(got(text)["input_ids"]) == text
+    assert got.eos_token_id == tok.eos_token_id
+
+
+def test_cli_convert_and_run_a_gguf_file(tmp_path, tok, capsys, monkeypatch):
+    monkeypatch.setenv("MOESTREAM_HOME", str(tmp_path / "home"))
+    path = export_gguf(qwen3(), tmp_path / "m.gguf", tok, experts="Q8_0")
+    assert main(["convert", str(path), str(tmp_path / "store")]) == 0
+    assert main(["run", str(path), "--raw", "-p", "def f(", "-n", "4", "--cache", "1MB"]) == 0
+    err = capsys.readouterr().err
+    assert "experts format       gguf Q8_0" in err
+    assert main(["inspect", str(tmp_path / "store")]) == 0
+    assert "gguf Q8_0" in capsys.readouterr().out
+
+
+def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x00" * 64)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UnsupportedModel, match="junk.gguf"):
+        convert(str(junk), out, force=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        convert(str(tmp_path / "missing.gguf"), tmp_path / "o2", progress=False)
+    w = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModel, match="'llama' is not supported yet; supported: qwen2moe, qwen3moe"):
+        convert(str(tmp_path / "llama.gguf"), out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".out.partial-*"))
+    shutil.rmtree(out)
