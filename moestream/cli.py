@@ -77,10 +77,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"moestream {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a streaming store",
-                       description="Split a safetensors checkpoint into dense.safetensors and one file of aligned "
-                                   "expert records per MoE layer. Nothing appears at OUT until it is complete.")
-    c.add_argument("src", metavar="SRC", help="checkpoint directory or hub id (org/name)")
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a streaming store",
+                       description="Split a safetensors checkpoint (or a llama.cpp GGUF file: qwen3moe, qwen2moe) "
+                                   "into dense.safetensors and one file of aligned expert records per MoE layer. "
+                                   "Nothing appears at OUT until it is complete.")
+    c.add_argument("src", metavar="SRC", help="checkpoint directory, hub id (org/name) or .gguf file")
     c.add_argument("out", metavar="OUT", help="store directory to create")
     c.add_argument("--revision", help="hub revision (branch, tag or commit)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -88,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
                    help="LOSSY, opt-in: quantise the experts (int8 per output channel, or int4 in groups along "
                         "rows), bf16 scales; default keeps the checkpoint's dtype. `moestream eval` measures the cost")
     c.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="for a .gguf SRC: the dense weights' dtype (default bfloat16; float32 keeps them exact)")
 
     r = sub.add_parser("run", help="generate text from a prompt", description="Generate from MODEL, streaming "
                        "experts, and print statistics at the end.", epilog=EPILOG_RUN,
@@ -529,10 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "convert":
+            import torch
+
             from .convert import convert
 
+            if args.dtype and not args.src.endswith(".gguf"):
+                raise ValueError("--dtype applies to .gguf sources; checkpoints keep their dtype (`run --dtype` "
+                                 "sets the compute dtype)")
             out = convert(args.src, args.out, force=args.force, revision=args.revision, experts=args.experts,
-                          group=args.group)
+                          group=args.group, dtype=getattr(torch, args.dtype) if args.dtype else None)
             print(f"wrote {out}")
             return 0
         if args.command == "run":
