@@ -17,8 +17,9 @@ import torch
 ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
 
 
-def _name_map(model) -> dict[str, str]:
-    """model parameter name -> GGUF tensor name (experts' fused gate_up maps to the gate name)."""
+def tensor_names(model) -> dict[str, str]:
+    """Model parameter name -> GGUF tensor name; an experts module's gate_up_proj maps to its
+    ffn_gate_exps (and holds ffn_up_exps in its second half of rows). Works on a meta model."""
     from transformers.modeling_gguf_pytorch_utils import Qwen2MoeTensorProcessor, get_gguf_hf_weights_map
 
     out = {}
@@ -51,24 +52,16 @@ def _tokenizer_metadata(w, tokenizer, vocab_size: int) -> None:
         w.add_chat_template(tokenizer.chat_template)
 
 
-def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", dense: str = "F32",
-                quantize: Callable[[np.ndarray, object], np.ndarray] | None = None,
-                types: dict[str, str] | None = None) -> Path:
-    """Write `model` (Qwen3-MoE or Qwen2-MoE, real weights) to `path`.
-
-    `experts` / `dense`: the GGUF type of expert matrices and of dense matrices (norms, biases and
-    routers stay F32, as llama.cpp keeps them); `types` overrides per expert part ("gate", "up",
-    "down"); `quantize(array, type)` makes the blocks (default: gguf-py's quantiser)."""
+def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0"):
+    """A gguf.GGUFWriter for `path` holding llama.cpp's metadata for `config` (and `tokenizer`); add tensors
+    with add_tensor (small files) or add_tensor_info + write_tensor_data (streamed, for large ones)."""
     import gguf
-    from gguf import GGMLQuantizationType as Q
 
-    c = model.config
+    c = config
     arch = ARCH_OF.get(c.model_type)
     if arch is None:
         raise ValueError(f"GGUF export supports {', '.join(ARCH_OF)}, not {c.model_type}")
-    quantize = quantize or gguf.quants.quantize
-    path = Path(path)
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(Path(path), arch)
     w.add_name(getattr(c, "_name_or_path", "") or arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -88,10 +81,27 @@ def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", 
     if getattr(c, "shared_expert_intermediate_size", None):
         w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if experts == "Q4_0" else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if file_type == "Q4_0" else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
         _tokenizer_metadata(w, tokenizer, c.vocab_size)
+    return w
+
+
+def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", dense: str = "F32",
+                quantize: Callable[[np.ndarray, object], np.ndarray] | None = None,
+                types: dict[str, str] | None = None) -> Path:
+    """Write `model` (Qwen3-MoE or Qwen2-MoE, real weights) to `path`.
+
+    `experts` / `dense`: the GGUF type of expert matrices and of dense matrices (norms, biases and
+    routers stay F32, as llama.cpp keeps them); `types` overrides per expert part ("gate", "up",
+    "down"); `quantize(array, type)` makes the blocks (default: gguf-py's quantiser)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    quantize = quantize or gguf.quants.quantize
+    path = Path(path)
+    w = gguf_writer(path, model.config, tokenizer, experts)
 
     def put(name: str, t: torch.Tensor, type_name: str) -> None:
         a = t.detach().float().numpy()
@@ -103,7 +113,7 @@ def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", 
             qt = Q[type_name]
             w.add_tensor(name, quantize(a, qt), raw_dtype=qt)
 
-    names = _name_map(model)
+    names = tensor_names(model)
     kinds = {"gate": experts, "up": experts, "down": experts, **(types or {})}
     for hf, t in model.state_dict().items():
         if hf not in names:

@@ -118,17 +118,21 @@ def expanded_values(slots) -> int:
     return n
 
 
-def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, int8_kernel: bool = False) -> dict:
-    """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name` (or, for
-    per-channel int8 with `int8_kernel`, kept packed as an Int8Weight), GGUF blocks dequantised, row
-    pieces joined, everything else cast to `dtype` where it differs."""
+def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool = False) -> dict:
+    """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name` (or, with
+    `cpu_kernels`, kept compact: per-channel int8 as an Int8Weight, group-wise int4/int8 as a
+    kernels.GroupedWeight), GGUF blocks dequantised, row pieces joined, everything else cast to `dtype`."""
+    from .kernels import GroupedWeight
+
     out = {}
     for name, t in parts.items():
         if name.endswith(".q"):
             base = name[:-2]
             scale = parts[base + ".scale"]
-            if int8_kernel and t.dtype == torch.int8 and scale.dim() == 1:
+            if cpu_kernels and "#" not in base and t.dtype == torch.int8 and scale.dim() == 1:
                 out[base] = Int8Weight(t, scale.to(dtype))
+            elif cpu_kernels and "#" not in base and scale.dim() == 2:
+                out[base] = GroupedWeight(t, scale)
             else:
                 out[base] = dequantize(t, scale, dtype)
         elif GGUF_SUFFIX in name:

@@ -27,6 +27,7 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
+from .kernels import GroupedWeight
 from .quant import Int8Weight, expand
 from .reader import RecordReader
 from .skeleton import experts_modules, expert_params, load_config, meta_model
@@ -35,7 +36,8 @@ from .text import TextStream
 from .trace import TraceRecorder
 
 IMPLEMENTATION = "moestream"
-INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")  # int8 experts on CPU: torch's packed int8 matmul
+# compact experts on CPU: torch's packed int8 matmul, and our compiled group-wise kernels (kernels.py)
+CPU_KERNELS = hasattr(torch, "_weight_int8pack_mm")
 
 
 @dataclass
@@ -50,8 +52,9 @@ class LayerSource:
     lookahead: tuple[LayerInfo, torch.Tensor] | None = None  # the next MoE layer and its router's weight
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    if isinstance(w, Int8Weight):
+def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight, b: torch.Tensor | None,
+            transposed: bool) -> torch.Tensor:
+    if isinstance(w, (Int8Weight, GroupedWeight)):
         y = w.linear(x)
     else:
         y = x @ w if transposed else F.linear(x, w)
@@ -64,7 +67,7 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
     w = record_tensors(record, src.info.tensors)
     if src.device.type != "cpu":  # copy the compact form; expand on the device
         w = {k: v.to(src.device, non_blocking=True) for k, v in w.items()}
-    w = expand(w, src.dtype, int8_kernel=INT8_KERNEL and src.device.type == "cpu" and not self.is_transposed)
+    w = expand(w, src.dtype, cpu_kernels=CPU_KERNELS and src.device.type == "cpu" and not self.is_transposed)
     pos, tok = torch.where(mask[e])
     x = hidden_states[tok]
     up = "gate_up_proj" if self.has_gate else "up_proj"

@@ -15,7 +15,7 @@ from gguf.quants import dequantize
 import moestream
 from moestream.cli import main
 from moestream.convert import convert
-from moestream.gguf_export import _name_map, export_gguf
+from moestream.gguf_export import tensor_names, export_gguf
 from moestream.quant import expand
 from moestream.skeleton import UnsupportedModel
 from moestream.store import Store, record_tensors
@@ -71,7 +71,7 @@ def reference(model, path):
     """`model` with every weight replaced by the file's values through gguf-py's dequantiser."""
     values = {t.name: dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(path).tensors}
     sd = model.state_dict()
-    for hf, name in _name_map(model).items():
+    for hf, name in tensor_names(model).items():
         if name.endswith("ffn_gate_exps.weight"):
             v = np.concatenate([values[name], values[name.replace("gate_exps", "up_exps")]], axis=1)
         else:
