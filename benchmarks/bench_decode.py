@@ -43,8 +43,16 @@ PROMPT = "import collections\nclass LRUCache:\n    def __init__(self, capacity):
 
 LLAMA_RUNNER = r"""
 import json, os, sys, time
+import llama_cpp.llama_cpp as lc
+path, prompt, n, repack = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+if not repack:  # llama.cpp's --no-repack: compute from the mmap'd file instead of an anonymous repacked copy
+    default = lc.llama_model_default_params
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    lc.llama_model_default_params = params
 from llama_cpp import Llama
-path, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def io():
     return int(next(l.split()[1] for l in open("/proc/self/io") if l.startswith("read_bytes")))
 t0 = time.perf_counter()
@@ -60,7 +68,7 @@ for _ in range(n - 1):
     tok = int(llm.sample(temp=0.0))
 t3, r2 = time.perf_counter(), io()
 hwm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
-print(json.dumps({"load_seconds": load, "prompt_tokens": len(ids), "ttft_seconds": t2 - t1,
+print(json.dumps({"repack": repack, "load_seconds": load, "prompt_tokens": len(ids), "ttft_seconds": t2 - t1,
                   "decode_tps": (n - 1) / (t3 - t2), "decode_bytes_per_token": (r2 - r1) / (n - 1),
                   "prefill_bytes": r1 - r0, "peak_rss": hwm}))
 """
@@ -221,13 +229,16 @@ def moestream_run(store: Path, cap: int | None, tokens: int, pin: Path | None) -
 
 
 def llama_run(gguf_path: Path, cap: int | None, tokens: int, warm: bool = False) -> dict:
-    cmd = [sys.executable, "-c", LLAMA_RUNNER, str(gguf_path), PROMPT, str(tokens)]
+    """Resident (warm): llama.cpp's default, weights repacked into its faster layouts in anonymous memory.
+    Capped: without repacking (--no-repack), else the repacked copy alone outgrows the cap (seen: OOM-killed
+    at 6 GiB, 6.26 GB anonymous) and the experts could not be paged from the file at all."""
+    cmd = [sys.executable, "-c", LLAMA_RUNNER, str(gguf_path), PROMPT, str(tokens), "1" if warm else "0"]
     if not warm:
         drop_caches()
     for _ in range(2 if warm else 1):  # warm: the second run, its file in the page cache
         r, cg = run_child(cmd, cap)
     if r.returncode != 0:
-        return {"error": r.stderr[-1500:], "cgroup": cg}
+        return {"error": r.stderr[-1500:] or f"exit status {r.returncode}", "cgroup": cg}
     return {**json.loads(r.stdout.strip().splitlines()[-1]), "cgroup": cg}
 
 
