@@ -38,13 +38,13 @@ import numpy as np
 
 from common import drop_caches, machine_description, write_section
 
-MARK = "<!-- bench_decode -->"
+MARK = "<!-- bench_decode temperature {temperature} -->"
 PROMPT = "import collections\nclass LRUCache:\n    def __init__(self, capacity):"
 
 LLAMA_RUNNER = r"""
 import json, os, sys, time
 import llama_cpp.llama_cpp as lc
-path, prompt, n, repack = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+path, prompt, n, repack, temp = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", float(sys.argv[5])
 if not repack:  # llama.cpp's --no-repack: compute from the mmap'd file instead of an anonymous repacked copy
     default = lc.llama_model_default_params
     def params():
@@ -56,16 +56,16 @@ from llama_cpp import Llama
 def io():
     return int(next(l.split()[1] for l in open("/proc/self/io") if l.startswith("read_bytes")))
 t0 = time.perf_counter()
-llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_threads_batch=2, use_mmap=True, verbose=False)
+llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_threads_batch=2, use_mmap=True, verbose=False, seed=0)
 load = time.perf_counter() - t0
 ids = llm.tokenize(prompt.encode(), add_bos=False)
 r0, t1 = io(), time.perf_counter()
 llm.eval(ids)
-tok = int(llm.sample(temp=0.0))
+tok = int(llm.sample(temp=temp, top_k=0, top_p=1.0, min_p=0.0))
 t2, r1 = time.perf_counter(), io()
 for _ in range(n - 1):
     llm.eval([tok])
-    tok = int(llm.sample(temp=0.0))
+    tok = int(llm.sample(temp=temp, top_k=0, top_p=1.0, min_p=0.0))
 t3, r2 = time.perf_counter(), io()
 hwm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
 print(json.dumps({"repack": repack, "load_seconds": load, "prompt_tokens": len(ids), "ttft_seconds": t2 - t1,
@@ -208,10 +208,11 @@ def run_child(cmd: list[str], cap: int | None) -> tuple[subprocess.CompletedProc
         return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pre), cg
 
 
-def moestream_run(store: Path, cap: int | None, tokens: int, pin: Path | None) -> dict:
+def moestream_run(store: Path, cap: int | None, tokens: int, temperature: float, pin: Path | None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "moestream.cli", "run", str(store), "-p", PROMPT, "--raw", "-n", str(tokens),
-               "--device", "cpu", "--stats-json", f.name, "--context", "512"]
+               "--device", "cpu", "--stats-json", f.name, "--context", "512", "--temperature", str(temperature),
+               "--seed", "0"]
         cmd += ["--memory", str(cap)] if cap else ["--cache", "1TB"]
         cmd += ["--pin", str(pin), "--pin-share", "1"] if pin else []
         drop_caches()
@@ -228,11 +229,12 @@ def moestream_run(store: Path, cap: int | None, tokens: int, pin: Path | None) -
                 "decode_misses": io[1]["misses"]}
 
 
-def llama_run(gguf_path: Path, cap: int | None, tokens: int, warm: bool = False) -> dict:
+def llama_run(gguf_path: Path, cap: int | None, tokens: int, temperature: float, warm: bool = False) -> dict:
     """Resident (warm): llama.cpp's default, weights repacked into its faster layouts in anonymous memory.
     Capped: without repacking (--no-repack), else the repacked copy alone outgrows the cap (seen: OOM-killed
     at 6 GiB, 6.26 GB anonymous) and the experts could not be paged from the file at all."""
-    cmd = [sys.executable, "-c", LLAMA_RUNNER, str(gguf_path), PROMPT, str(tokens), "1" if warm else "0"]
+    cmd = [sys.executable, "-c", LLAMA_RUNNER, str(gguf_path), PROMPT, str(tokens), "1" if warm else "0",
+           str(temperature)]
     if not warm:
         drop_caches()
     for _ in range(2 if warm else 1):  # warm: the second run, its file in the page cache
@@ -253,8 +255,11 @@ def main() -> None:
     ap.add_argument("--caps", default="6GiB,4GiB", help="memory caps (a resident row is always added)")
     ap.add_argument("--readahead-kb", default="8192,128", help="llama.cpp runs, one per disk read-ahead")
     ap.add_argument("--tokens", type=int, default=24, help="tokens generated per run")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (default). A random model's greedy text repeats itself and so does its "
+                         "routing; sampling (e.g. 1) spreads the experts used, as real text does")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    ap.add_argument("--out", default="benchmarks/results/bench_decode.json")
+    ap.add_argument("--out", help="default: benchmarks/results/bench_decode-tTEMPERATURE.json")
     ap.add_argument("--results-md", default="benchmarks/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (GGUF and store)")
     args = ap.parse_args()
@@ -292,7 +297,8 @@ def main() -> None:
         for cap_s in ["resident", *args.caps.split(",")]:
             cap = None if cap_s == "resident" else parse_size(cap_s)
             row = {"cap": cap_s, "cap_bytes": cap,
-                   "moestream": moestream_run(store_path, cap, args.tokens, profile if cap is None else None)}
+                   "moestream": moestream_run(store_path, cap, args.tokens, args.temperature,
+                                              profile if cap is None else None)}
             m = row["moestream"]
             if "error" not in m and m["decode_bytes_per_token"] > 0:
                 m["io_ceiling_tps"] = ssd.peak_bandwidth / m["decode_bytes_per_token"]
@@ -302,21 +308,22 @@ def main() -> None:
             if llama:
                 for kb in ([None] if cap is None else [int(x) for x in args.readahead_kb.split(",")]):
                     with readahead(gguf_path, kb) as ra:
-                        r = llama_run(gguf_path, cap, args.tokens, warm=cap is None)
+                        r = llama_run(gguf_path, cap, args.tokens, args.temperature, warm=cap is None)
                     r["read_ahead_kb"] = ra
                     row["llama"][str(ra)] = r
                     print(cap_s, f"llama.cpp read-ahead {ra} KiB", json.dumps(r), flush=True)
             rows.append(row)
         result = {"machine": machine_description(), "shape": shape, "gguf_bytes": gguf_path.stat().st_size,
                   "expert_bytes": store.expert_bytes, "dense_bytes": store.dense_bytes, "record_bytes": record,
-                  "tokens": args.tokens, "ssd_probe": {"peak_bandwidth": ssd.peak_bandwidth,
-                                                       "bandwidth_fit": ssd.bandwidth, "latency": ssd.latency,
-                                                       "queue_depth": ssd.queue_depth, "direct": ssd.direct},
+                  "tokens": args.tokens, "temperature": args.temperature,
+                  "ssd_probe": {"peak_bandwidth": ssd.peak_bandwidth, "bandwidth_fit": ssd.bandwidth,
+                                "latency": ssd.latency, "queue_depth": ssd.queue_depth, "direct": ssd.direct},
                   "rows": rows, "command": " ".join(sys.argv),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        args.out = args.out or f"benchmarks/results/bench_decode-t{args.temperature:g}.json"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-        write_section(Path(args.results_md), MARK, table(result))
+        write_section(Path(args.results_md), MARK.format(temperature=args.temperature), table(result))
         print(f"wrote {args.out} and {args.results_md}")
     finally:
         if not args.keep:
@@ -330,7 +337,9 @@ def table(result: dict) -> list[str]:
              f"layers × {s['num_experts']} experts, top-{s['num_experts_per_tok']}, hidden {s['hidden_size']}, expert "
              f"intermediate {s['moe_intermediate_size']}; GGUF {result['gguf_bytes'] / 1e9:.2f} GB with Q4_0 experts "
              f"(moestream: the same bytes as int4 g32, {result['record_bytes'] / 1e6:.2f} MB per expert record), F16 "
-             f"dense (moestream: bf16). {result['tokens']} tokens, greedy, page cache dropped before each capped run. "
+             f"dense (moestream: bf16). {result['tokens']} tokens, "
+             f"{'greedy' if not result['temperature'] else 'temperature %g, seed 0' % result['temperature']}, page "
+             f"cache dropped before each capped run; llama.cpp without weight repacking under a cap. "
              f"SSD probe (O_DIRECT, record size, depth 8): {result['ssd_probe']['peak_bandwidth'] / 1e9:.2f} GB/s. "
              f"Command: `{result['command']}`.", "",
              "| cap | engine | decode tok/s | × llama.cpp best | MB read / token | hit rate | I/O ceiling tok/s "

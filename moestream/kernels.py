@@ -4,8 +4,9 @@ Expanding a compact matrix to floats and then multiplying reads and writes it se
 this project's 2-core machines that cost ~10-20 ms per Qwen3-30B-sized int4 matrix, far more than
 the product itself. For one token we instead let torch.compile (inductor) fuse unpacking, scaling
 and the dot product into one C++ loop that reads the compact bytes once (measured 0.30 ms for a
-1536x2048 int4 matrix against 7-15 ms expanding it eagerly: benchmarks/bench_kernels.py). For several tokens the
-matrix is expanded once by a fused kernel and multiplied with F.linear.
+1536x2048 int4 matrix against 7-15 ms expanding it eagerly: benchmarks/bench_kernels.py), token by
+token up to MATVEC_ROWS tokens; for more the matrix is expanded once by a fused kernel and
+multiplied with F.linear.
 
 Where compiling is impossible (no C++ compiler, an unsupported platform) the same arithmetic runs
 eagerly; the first failure is reported once.
@@ -76,6 +77,9 @@ class _Compiled:
 
 
 _matvec = _Compiled(grouped_matvec)
+# up to this many tokens the fused matvec per token beats expanding the matrix once (0.2-0.3 ms per
+# token and matrix against ~3 ms to expand a Qwen3-30B-sized one: benchmarks/bench_kernels.py)
+MATVEC_ROWS = 8
 _expand = _Compiled(grouped_expand)
 
 
@@ -90,6 +94,7 @@ class GroupedWeight:
         # float32 in, float32 out of the compiled graphs: inductor stops vectorising when bf16 and fp16
         # meet in one kernel (measured 5x slower with bf16 activations and fp16 GGUF scales)
         scale = self.scale.to(torch.float32)
-        if x.shape[0] == 1:
-            return _matvec(x.to(torch.float32).contiguous(), self.q, scale).to(x.dtype)
+        if x.shape[0] <= MATVEC_ROWS:  # a few tokens (most experts in a prefill chunk or a batch): row by row
+            xf = x.to(torch.float32)
+            return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale) for i in range(x.shape[0])]).to(x.dtype)
         return F.linear(x, _expand(self.q, scale, torch.float32).to(x.dtype))
