@@ -98,3 +98,22 @@ class GroupedWeight:
             xf = x.to(torch.float32)
             return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale) for i in range(x.shape[0])]).to(x.dtype)
         return F.linear(x, _expand(self.q, scale, torch.float32).to(x.dtype))
+
+
+def warm_up(layers) -> int:
+    """Compile the one-token kernel for every group-quantised matrix shape in these store layers now,
+    at load, rather than inside the first token's time; returns how many shapes."""
+    shapes = set()
+    for info in layers:
+        slots = {t.name: t for t in info.tensors}
+        for name, t in slots.items():
+            scale = slots.get(name[:-2] + ".scale") if name.endswith(".q") else None
+            if scale is not None and "#" not in name and len(scale.shape) == 2:
+                shapes.add((tuple(t.shape), t.dtype, tuple(scale.shape)))
+    from .store import DTYPES
+
+    with torch.inference_mode():
+        for q_shape, q_dtype, s_shape in shapes:
+            cols = q_shape[1] * (2 if q_dtype == "uint8" else 1)
+            GroupedWeight(torch.zeros(q_shape, dtype=DTYPES[q_dtype]), torch.ones(s_shape)).linear(torch.zeros(1, cols))
+    return len(shapes)

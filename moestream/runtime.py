@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
@@ -27,9 +26,10 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import GroupedWeight
+from .kernels import GroupedWeight, warm_up
 from .quant import Int8Weight, expand
 from .reader import RecordReader
+from .safetensors_io import read_into
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import LayerInfo, Store, StoreError, record_tensors
 from .text import TextStream
@@ -146,19 +146,17 @@ def _fill_dense(model: PreTrainedModel, store: Store, device: torch.device) -> N
     owners = {name.rsplit(".", 1)[0] if "." in name else "" for name, _ in model.named_non_persistent_buffers()}
     for name in owners:
         model._init_weights(model.get_submodule(name))
-    loaded = set()
-    with safe_open(store.dense_path, "pt", device="cpu") as f:  # one tensor at a time, copied to `device`
-        for key in f.keys():
-            try:
-                target = model.get_parameter_or_buffer(key)
-            except AttributeError as e:
-                raise StoreError(f"{store.dense_path}: tensor {key} has no place in {type(model).__name__}") from e
-            src = f.get_tensor(key)
-            if tuple(src.shape) != tuple(target.shape):
-                raise StoreError(f"{store.dense_path}: {key} is {tuple(src.shape)}, model needs {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(src)
-            loaded.add(key)
+    def target(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            t = model.get_parameter_or_buffer(key)
+        except AttributeError as e:
+            raise StoreError(f"{store.dense_path}: tensor {key} has no place in {type(model).__name__}") from e
+        if tuple(t.shape) != shape:
+            raise StoreError(f"{store.dense_path}: {key} is {shape}, model needs {tuple(t.shape)}")
+        return t.data
+
+    with torch.no_grad():
+        loaded = set(read_into(store.dense_path, target))
     model.tie_weights()
     tied = getattr(model, "all_tied_weights_keys", {}) or {}
     missing = [k for k in model.state_dict() if k not in loaded and k not in tied]
@@ -285,6 +283,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         dtype = getattr(torch, dtype)
     dtype = dtype or store.dtype
     config = load_config(str(store.root))
+    if CPU_KERNELS and device.type == "cpu":  # before planning: the compiler's own memory is then part of the baseline
+        warm_up(store.layers)
     plan = plan_memory(store, config, memory=memory, cache=cache, dtype=dtype, context=context, device=device,
                        sequences=sequences)
     config._experts_implementation = IMPLEMENTATION

@@ -11,6 +11,7 @@ import moestream
 from conftest import expert_bytes
 from moestream.budget import MemoryBudgetError
 from moestream.cache import ExpertCache
+from moestream.convert import convert
 from moestream.reader import RecordCorrupt, RecordReader
 from moestream.sizes import parse_size
 from moestream.store import Store
@@ -217,3 +218,47 @@ def test_prefetched_corrupt_record_is_still_caught(qwen3_store, tmp_path):
     with moestream.load(bad, cache="1MB", device="cpu", verify=True, prefetch="lookahead") as m:
         with pytest.raises(RecordCorrupt, match=f"layer {info.layer}"):
             m.model(torch.tensor([PROMPT]))
+
+
+def test_dense_weights_are_read_once_into_place(tmp_path, tokenizer):
+    """Loading holds the dense weights once: no mmap'd file pages beside the copy (which doubled the
+    dense part at load and broke --memory: seen 2.32 GB peak under a 2.15 GB budget)."""
+    import subprocess
+    import sys
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=40000, hidden_size=512, intermediate_size=96, moe_intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    ckpt = tmp_path / "ckpt"
+    Qwen3MoeForCausalLM(config).float().save_pretrained(ckpt)
+    store = convert(str(ckpt), tmp_path / "store", progress=False)
+    dense = Store.open(store).dense_bytes
+    assert dense > 150e6
+    code = ("import moestream; from moestream.budget import rss_bytes, peak_rss_bytes; import torch\n"
+            f"before = rss_bytes(); m = moestream.load({str(store)!r}, cache='1MB', progress=False, device='cpu')\n"
+            "print(before, peak_rss_bytes())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, peak = int(out[-2]), int(out[-1])
+    assert peak - before < dense + 64e6, (peak - before, dense)
+    from safetensors.torch import load_file
+
+    with moestream.load(store, cache="1MB", progress=False, device="cpu") as m:
+        want = load_file(store / "dense.safetensors")
+        got = m.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_read_into_converts_in_chunks(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from moestream import safetensors_io
+
+    t = {"a": torch.randn(1000, 7), "b": torch.arange(10, dtype=torch.int64)}
+    save_file(t, tmp_path / "x.safetensors")
+    monkeypatch.setattr(safetensors_io, "READ_CHUNK", 256)  # many chunks per tensor
+    out = {"a": torch.empty(1000, 7, dtype=torch.bfloat16), "b": torch.empty(10, dtype=torch.int64)}
+    assert sorted(safetensors_io.read_into(tmp_path / "x.safetensors", lambda n, d, s: out[n])) == ["a", "b"]
+    assert torch.equal(out["a"], t["a"].bfloat16()) and torch.equal(out["b"], t["b"])
