@@ -97,7 +97,7 @@ def test_bf16_kept_in_dtype(tmp_path, tokenizer):
 
 def test_interrupted_conversion_leaves_no_store(qwen3_ckpt, tmp_path, monkeypatch):
     calls = []
-    real = conv._write_layer
+    real = conv.write_layer
 
     def fail_on_second(*a, **k):
         calls.append(1)
@@ -105,7 +105,7 @@ def test_interrupted_conversion_leaves_no_store(qwen3_ckpt, tmp_path, monkeypatc
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway
         return real(*a, **k)
 
-    monkeypatch.setattr(conv, "_write_layer", fail_on_second)
+    monkeypatch.setattr(conv, "write_layer", fail_on_second)
     with pytest.raises(KeyboardInterrupt):
         conv.convert(str(qwen3_ckpt), tmp_path / "out", progress=False)
     assert len(calls) == 2
