@@ -491,10 +491,30 @@ def _inspect_model(args) -> int:
     return 0
 
 
+def _inspect_gguf(args) -> int:
+    from .gguf_import import describe_gguf
+    from .sizes import format_size
+
+    d = describe_gguf(Path(args.store))
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    types = lambda by: ", ".join(f"{k} {format_size(v)}" for k, v in sorted(by.items()))  # noqa: E731
+    print(f"{d['file']}\n  model         {d['name'] or '?'} (GGUF architecture {d['architecture']})")
+    print(f"  layers        {d['layers']}, {d['moe_layers']} MoE layers x {d['experts']} experts, top-{d['top_k']}"
+          + (f", shared expert ({d['shared_expert_ff']})" if d["shared_expert_ff"] else ""))
+    print(f"  dense         {types(d['dense_bytes_by_type'])}")
+    print(f"  experts       {types(d['expert_bytes_by_type'])}; {format_size(d['bytes_per_expert'])} per expert")
+    print(f"  supported     {d['why']}")
+    return 0
+
+
 def _inspect(args) -> int:
     from .sizes import format_size
     from .store import STORE_JSON, Store
 
+    if args.store.endswith(".gguf"):
+        return _inspect_gguf(args)
     if not (Path(args.store).expanduser() / STORE_JSON).is_file():
         return _inspect_model(args)
     s = Store.open(args.store)

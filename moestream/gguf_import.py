@@ -124,6 +124,41 @@ def gguf_config(path: Path, reader=None, arch: str | None = None):
     return config
 
 
+def describe_gguf(path: Path) -> dict:
+    """What `moestream inspect FILE.gguf` shows, from the metadata and tensor table only."""
+    import gguf
+
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise UnsupportedModel(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = read_field(reader, "general.architecture")
+    experts: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    layers = set()
+    for t in reader.tensors:
+        m = EXPERT_TENSOR.match(t.name)
+        into = experts if m else dense
+        into[t.tensor_type.name] = into.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        if m:
+            layers.add(int(m.group(1)))
+    n = read_field(reader, f"{arch}.expert_count") or 0
+    out = {"file": str(path), "architecture": arch, "name": read_field(reader, "general.name"),
+           "layers": read_field(reader, f"{arch}.block_count"), "moe_layers": len(layers), "experts": n,
+           "top_k": read_field(reader, f"{arch}.expert_used_count"),
+           "shared_expert_ff": read_field(reader, f"{arch}.expert_shared_feed_forward_length"),
+           "dense_bytes_by_type": dense, "expert_bytes_by_type": experts,
+           "bytes_per_expert": sum(experts.values()) // max(1, n * len(layers)),
+           "supported": arch in ARCHS,
+           "why": ("yes: experts streamed as stored (Q4_0/Q8_0 as int4/int8 g32, exact; other types kept as "
+                   "blocks, dequantised at use)") if arch in ARCHS else
+                  f"no: GGUF architecture {arch!r} is not supported yet; supported: {', '.join(sorted(ARCHS))}"}
+    return out
+
+
 def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = True,
                  dtype: torch.dtype | None = None) -> Path:
     """Write the store for GGUF file `path` at `out` (see the module docstring)."""

@@ -173,6 +173,9 @@ def test_cli_convert_and_run_a_gguf_file(tmp_path, tok, capsys, monkeypatch):
     assert "experts format       gguf Q8_0" in err
     assert main(["inspect", str(tmp_path / "store")]) == 0
     assert "gguf Q8_0" in capsys.readouterr().out
+    assert main(["inspect", str(path)]) == 0  # the file itself: metadata and tensor table only
+    out = capsys.readouterr().out
+    assert "2 MoE layers x 8 experts, top-2" in out and "Q8_0" in out and "supported     yes" in out
 
 
 def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
@@ -194,6 +197,7 @@ def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
     w.close()
     with pytest.raises(UnsupportedModel, match="'llama' is not supported yet; supported: qwen2moe, qwen3moe"):
         convert(str(tmp_path / "llama.gguf"), out, force=True, progress=False)
+    assert main(["inspect", str(tmp_path / "llama.gguf"), "--json"]) == 0
     assert (out / "keep.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".out.partial-*"))
     shutil.rmtree(out)
