@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                    help="LOSSY, opt-in: quantise the experts (int8 per output channel, or int4 in groups along "
                         "rows), bf16 scales; default keeps the checkpoint's dtype. `moestream eval` measures the cost")
     c.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
+    c.add_argument("--dense", choices=["int8"],
+                   help="LOSSY, opt-in: quantise the dense nn.Linear weights (attention, dense MLPs, lm_head) to "
+                        "int8 per output channel: half the resident bytes of bf16, torch's packed int8 matmul on CPU")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="for a .gguf SRC: the dense weights' dtype (default bfloat16; float32 keeps them exact)")
 
@@ -532,6 +535,9 @@ def _inspect(args) -> int:
     print(f"{s.root}\n  model         {summary['architecture']} ({summary['model_type']}), from {summary['source']}")
     q = s.meta["quant"]["experts"]
     print(f"  dtype         {summary['dtype']}, experts quantisation: {q}" + (" (LOSSY)" if q != "none" else " (exact)"))
+    dq = s.meta["quant"].get("dense", "none")
+    if dq != "none":
+        print(f"  dense format  {dq} (LOSSY)")
     print(f"  dense         {format_size(s.dense_bytes)} resident (dense.safetensors)")
     print(f"  experts       {format_size(s.expert_bytes)} in {len(s.layers)} MoE layers x "
           f"{summary['experts_per_layer']} experts, record {summary['record_bytes']} bytes")
@@ -560,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--dtype applies to .gguf sources; checkpoints keep their dtype (`run --dtype` "
                                  "sets the compute dtype)")
             out = convert(args.src, args.out, force=args.force, revision=args.revision, experts=args.experts,
-                          group=args.group, dtype=getattr(torch, args.dtype) if args.dtype else None)
+                          group=args.group, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                          dense=args.dense)
             print(f"wrote {out}")
             return 0
         if args.command == "run":

@@ -24,7 +24,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
 
 from . import __version__
-from .quant import SCHEMES, quantize, scheme_name
+from .quant import SCHEMES, int8_linears, quantize, scheme_name
 from .reader import CHECKSUM, checksum
 from .safetensors_io import Checkpoint, write_safetensors
 from .skeleton import UnsupportedModel, check_weights_supported, experts_modules, expert_params, layer_index, load_config, meta_model
@@ -288,11 +288,12 @@ def write_meta(tmp: Path, *, source: dict, config, model, dtype: torch.dtype, qu
 
 def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: str | None = None,
             progress: bool = True, experts: str | None = None, group: int = 32,
-            dtype: torch.dtype | None = None) -> Path:
+            dtype: torch.dtype | None = None, dense: str | None = None) -> Path:
     """Convert checkpoint `src` (directory, hub id or .gguf file) into a store at `out`; returns `out`.
 
     `experts` = 'int8' or 'int4' quantises the experts (lossy, opt-in); None keeps them as they are.
     `dtype`: the dense weights' dtype for a GGUF source (default bfloat16; float32 keeps them exact).
+    `dense` = 'int8' quantises the dense nn.Linear weights per output channel (lossy, opt-in).
 
     Nothing appears at `out` until the store is complete: everything is written into a
     temporary sibling directory that is renamed at the end, and removed on any failure.
@@ -300,7 +301,11 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     out = Path(out).expanduser().absolute()
     if experts is not None and experts not in SCHEMES:
         raise ValueError(f"--experts {experts!r}: choose one of {', '.join(SCHEMES)}")
+    if dense not in (None, "int8"):
+        raise ValueError(f"--dense {dense!r}: the only dense quantisation is int8")
     if str(src).endswith(".gguf"):
+        if dense is not None:
+            raise ValueError("--dense: not for GGUF sources yet (their dense tensors are dequantised into --dtype)")
         from .gguf_import import convert_gguf
 
         if experts is not None:
@@ -320,13 +325,27 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     with store_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {out.name}",
                                                   disable=not progress) as bar:
 
+        int8 = {f"{n}.weight" for n in int8_linears(model)} if dense == "int8" else set()
+        specs = []
+        for name, dt, shape in plan.dense_specs:
+            if name in int8:
+                module = name.removesuffix(".weight")
+                specs += [(f"{module}.qweight", torch.int8, shape), (f"{module}.wscale", torch.bfloat16, shape[:1])]
+            else:
+                specs.append((name, dt, shape))
+
         def dense_tensors():
             for g in plan.dense:
                 for name, t in _run_groups([g], ckpt.get).items():
                     bar.update(t.numel() * t.element_size())
-                    yield name, t
+                    if name in int8:  # LOSSY, opt-in: int8 per output channel
+                        p = quantize(t, "int8")
+                        yield f"{name.removesuffix('.weight')}.qweight", p["q"]
+                        yield f"{name.removesuffix('.weight')}.wscale", p["scale"]
+                    else:
+                        yield name, t
 
-        dense_bytes = write_safetensors(tmp / DENSE_FILE, plan.dense_specs, dense_tensors(),
+        dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, dense_tensors(),
                                         {"format": "pt", "producer": f"moestream {__version__}"})
         layers = []
         for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):
@@ -338,7 +357,8 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
                 shutil.copy2(f, tmp / f.name)
         write_meta(tmp, source={"model": str(src), "path": str(src_dir), "revision": revision, "files": ckpt.files()},
                    config=config, model=model, dtype=_store_dtype(plan.dense_specs),
-                   quant={"experts": scheme_name(experts, group) if experts else "none", "dense": "none"},
-                   dense_bytes=dense_bytes, dense_tensors=len(plan.dense_specs), layers=layers,
+                   quant={"experts": scheme_name(experts, group) if experts else "none",
+                          "dense": "int8_channel" if int8 else "none"},
+                   dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers,
                    seconds=time.time() - t0, skipped=plan.skipped)
     return out

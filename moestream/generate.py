@@ -58,6 +58,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     cache_budget: int = 0
     experts_format: str = "none"  # the store's expert quantisation ("none": exact)
+    dense_format: str = "none"  # the store's dense quantisation ("none": exact)
     prefill: Counters = field(default_factory=Counters)
     decode: Counters = field(default_factory=Counters)
     layers: dict[int, Counters] = field(default_factory=dict)  # whole run, per MoE layer
@@ -106,6 +107,8 @@ class GenerationStats:
             *([f"experts format       {self.experts_format} (LOSSY: "
                f"{'as quantised in the GGUF file' if self.experts_format.startswith('gguf') else 'quantised at convert'})"]
               if self.experts_format != "none" else []),
+            *([f"dense format         {self.dense_format} (LOSSY: quantised at convert)"]
+              if self.dense_format != "none" else []),
             f"expert cache         {format_size(self.cache_budget)}, hit rate {100 * io.hit_rate:.1f} % "
             f"({io.hits} hits, {io.misses} misses, {io.evictions} evictions)",
             f"read                 {io.bytes_read / 1e9:.3f} GB ({format_size(per_tok)}/decoded token), "

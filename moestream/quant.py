@@ -76,6 +76,44 @@ class Int8Weight:
         return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
 
 
+def int8_linears(model) -> list[str]:
+    """The nn.Linear modules `--dense int8` quantises: every one but tiny ones (fewer than 32 outputs, such
+    as a shared-expert gate) and those whose weight is tied to another tensor. Routers are not nn.Linear."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m.out_features >= 32
+            and f"{n}.weight" not in tied]
+
+
+class Int8Linear(torch.nn.Module):
+    """An nn.Linear whose weight is int8 per output channel (`qweight`, `wscale`): torch's packed int8
+    matmul on CPU, expanded per call elsewhere."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("wscale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous()
+        if flat.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.wscale.to(x.dtype))
+        else:
+            y = torch.nn.functional.linear(flat, self.qweight.to(x.dtype) * self.wscale.to(x.dtype)[:, None])
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def use_int8_linears(model, dtype: torch.dtype) -> None:
+    """Swap the modules `int8_linears` names for Int8Linear (on the meta device, before weights load)."""
+    for name in int8_linears(model):
+        parent, _, child = name.rpartition(".")
+        old = model.get_submodule(name)
+        setattr(model.get_submodule(parent) if parent else model, child,
+                Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype, device="meta"))
+
+
 GGUF_SUFFIX = ".gguf_"
 
 

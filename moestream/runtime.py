@@ -27,7 +27,7 @@ from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
 from .kernels import GroupedWeight, warm_up
-from .quant import Int8Weight, expand
+from .quant import Int8Weight, expand, use_int8_linears
 from .reader import RecordReader
 from .safetensors_io import read_into
 from .skeleton import experts_modules, expert_params, load_config, meta_model
@@ -211,7 +211,9 @@ class StreamedModel:
                    stop_at_eos: bool = True, **sampling) -> Iterator[int]:
         """Generated token ids as they come; `.stats` describes the run once the iterator is exhausted."""
         ids = self.encode(prompt, chat)
-        stats = GenerationStats(load_seconds=self.load_seconds, experts_format=self.store.meta["quant"]["experts"])
+        quant = self.store.meta["quant"]
+        stats = GenerationStats(load_seconds=self.load_seconds, experts_format=quant["experts"],
+                                dense_format=quant.get("dense", "none"))
         self.stats = stats
         if self.recorder is not None:
             self.recorder.new_sequence()
@@ -296,6 +298,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     for mod in experts.values():
         for p in expert_params(mod):
             mod.register_parameter(p, None)
+    if store.meta["quant"].get("dense", "none") == "int8_channel":
+        use_int8_linears(model, dtype)
     _fill_dense(model, store, device)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
     policy = make_policy(cache_policy)

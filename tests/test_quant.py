@@ -152,3 +152,42 @@ def test_int4_store_runs_the_grouped_kernel(stores, monkeypatch):
     with moestream.load(stores["int4"], cache="2MB", device="cpu") as m:
         m.generate([1, 2, 3], 3)
     assert 1 in calls and max(calls) > 1  # one-token decode and multi-token prefill both went through it
+
+
+@pytest.fixture(scope="module")
+def dense_int8_store(tmp_path_factory):
+    return convert(str(bundled_model()), tmp_path_factory.mktemp("dq") / "store", progress=False, dense="int8")
+
+
+def test_dense_int8_computes_its_dequantised_weights(dense_int8_store):
+    """--dense int8: every eligible nn.Linear runs torch's packed int8 matmul on exactly the stored
+    int8 weights and scales (compared with transformers' model holding them dequantised)."""
+    from moestream.quant import Int8Linear, int8_linears
+
+    ref = AutoModelForCausalLM.from_pretrained(bundled_model(), experts_implementation="eager",
+                                               dtype=torch.float32).eval()
+    names = int8_linears(ref)
+    assert "lm_head" in names and any("self_attn.q_proj" in n for n in names)
+    with torch.no_grad():
+        for n in names:
+            w = ref.get_submodule(n).weight
+            q = quantize(w.to(torch.bfloat16), "int8")
+            w.copy_(dequantize(q["q"], q["scale"], torch.float32))
+    s = Store.open(dense_int8_store)
+    assert s.meta["quant"]["dense"] == "int8_channel"
+    ids = torch.tensor([[5, 300, 1200, 42, 77, 9, 2048, 13]])
+    with moestream.load(dense_int8_store, cache="3MB", dtype="float32", device="cpu") as m:
+        assert sum(isinstance(mod, Int8Linear) for mod in m.model.modules()) == len(names)
+        with torch.no_grad():
+            assert (ref(ids).logits - m.model(ids).logits).abs().max().item() <= 1e-3
+        list(m.stream("def f(x):", max_new_tokens=4, chat=False))
+        assert "dense format         int8_channel (LOSSY" in m.stats.format()
+
+
+def test_dense_int8_is_smaller_and_close(dense_int8_store, stores):
+    exact, small = Store.open(stores["exact"]), Store.open(dense_int8_store)
+    assert small.dense_bytes < 0.75 * exact.dense_bytes  # the bf16 embedding (a third of it) stays as it is
+    opts = dict(cache="64MB", device="cpu")
+    with moestream.load(stores["exact"], **opts) as ref, moestream.load(dense_int8_store, **opts) as m:
+        score = evaluate(m, held_out_text(), ref, window=256, max_tokens=1024)
+    assert 0 < score["kl"] < 0.02 and score["top1_agreement"] > 0.95
