@@ -60,7 +60,8 @@ def probe(directory: str | os.PathLike, record_bytes: int, queue_depth: int = 8,
             os.fsync(f.fileno())
         fd, direct = _open(path)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):  # not on macOS
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             bufs = [AlignedBuffer(record_bytes) for _ in range(queue_depth)]
             rng = random.Random(0)
             rounds: dict[int, float] = {}

@@ -144,7 +144,8 @@ def read_into(path: Path, target: Callable[[str, torch.dtype, tuple[int, ...]], 
                     _pread_exact(fd, chunk.numpy(), base + start + i * dtype.itemsize, path, name)
                     flat[i : i + k].copy_(chunk.view(dtype))
             names.append(name)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):  # not on macOS
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return names
 
 
