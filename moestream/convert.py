@@ -239,6 +239,29 @@ def _store_dtype(specs) -> torch.dtype:
     return max(by, key=by.get) if by else torch.float32
 
 
+def int8_dense_specs(specs: list, int8: set[str]) -> list:
+    """The dense file's tensors with each weight named in `int8` replaced by its qweight and wscale."""
+    out = []
+    for name, dt, shape in specs:
+        if name in int8:
+            module = name.removesuffix(".weight")
+            out += [(f"{module}.qweight", torch.int8, shape), (f"{module}.wscale", torch.bfloat16, shape[:1])]
+        else:
+            out.append((name, dt, shape))
+    return out
+
+
+def int8_dense_tensors(tensors, int8: set[str]):
+    """(name, tensor) pairs with the weights named in `int8` quantised (LOSSY, opt-in: int8 per output channel)."""
+    for name, t in tensors:
+        if name in int8:
+            p = quantize(t, "int8")
+            yield f"{name.removesuffix('.weight')}.qweight", p["q"]
+            yield f"{name.removesuffix('.weight')}.wscale", p["scale"]
+        else:
+            yield name, t
+
+
 @contextlib.contextmanager
 def store_directory(out: Path, force: bool):
     """A temporary sibling of `out` to write into, renamed to `out` when the block succeeds and removed
@@ -304,13 +327,11 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     if dense not in (None, "int8"):
         raise ValueError(f"--dense {dense!r}: the only dense quantisation is int8")
     if str(src).endswith(".gguf"):
-        if dense is not None:
-            raise ValueError("--dense: not for GGUF sources yet (their dense tensors are dequantised into --dtype)")
         from .gguf_import import convert_gguf
 
         if experts is not None:
             raise ValueError("--experts: a GGUF file's experts keep their own quantisation (see `moestream inspect`)")
-        return convert_gguf(Path(src), out, force=force, progress=progress, dtype=dtype)
+        return convert_gguf(Path(src), out, force=force, progress=progress, dtype=dtype, dense=dense)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     src_dir = resolve_source(src, revision)
@@ -326,26 +347,15 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
                                                   disable=not progress) as bar:
 
         int8 = {f"{n}.weight" for n in int8_linears(model)} if dense == "int8" else set()
-        specs = []
-        for name, dt, shape in plan.dense_specs:
-            if name in int8:
-                module = name.removesuffix(".weight")
-                specs += [(f"{module}.qweight", torch.int8, shape), (f"{module}.wscale", torch.bfloat16, shape[:1])]
-            else:
-                specs.append((name, dt, shape))
 
         def dense_tensors():
             for g in plan.dense:
                 for name, t in _run_groups([g], ckpt.get).items():
                     bar.update(t.numel() * t.element_size())
-                    if name in int8:  # LOSSY, opt-in: int8 per output channel
-                        p = quantize(t, "int8")
-                        yield f"{name.removesuffix('.weight')}.qweight", p["q"]
-                        yield f"{name.removesuffix('.weight')}.wscale", p["scale"]
-                    else:
-                        yield name, t
+                    yield name, t
 
-        dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, dense_tensors(),
+        specs = int8_dense_specs(plan.dense_specs, int8)
+        dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, int8_dense_tensors(dense_tensors(), int8),
                                         {"format": "pt", "producer": f"moestream {__version__}"})
         layers = []
         for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):

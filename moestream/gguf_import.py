@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .convert import store_directory, write_layer, write_meta
-from .quant import GGUF_SUFFIX
+from .convert import int8_dense_specs, int8_dense_tensors, store_directory, write_layer, write_meta
+from .quant import GGUF_SUFFIX, int8_linears
 from .safetensors_io import write_safetensors
 from .skeleton import UnsupportedModel, expert_params, experts_modules, layer_index, meta_model
 from .store import DENSE_FILE
@@ -160,8 +160,9 @@ def describe_gguf(path: Path) -> dict:
 
 
 def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = True,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Write the store for GGUF file `path` at `out` (see the module docstring)."""
+                 dtype: torch.dtype | None = None, dense: str | None = None) -> Path:
+    """Write the store for GGUF file `path` at `out` (see the module docstring); `dense` = 'int8' stores the
+    dense nn.Linear weights int8 per output channel instead of in `dtype` (lossy, opt-in)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quant_shape_from_byte_shape
     from transformers import AutoTokenizer, GenerationConfig
@@ -178,7 +179,7 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
     mapping = get_gguf_hf_weights_map(model, Qwen2MoeTensorProcessor())
     experts = {layer_index(n): (n, m) for n, m in experts_modules(model).items()}
 
-    dense, expert_parts, types = [], {}, {"dense": set(), "experts": set()}
+    entries, expert_parts, types = [], {}, {"dense": set(), "experts": set()}
     for t in reader.tensors:
         type_name = t.tensor_type.name
         if m := EXPERT_TENSOR.match(t.name):
@@ -195,11 +196,11 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
             raise UnsupportedModel(f"{path}: tensor {t.name} has no place in {type(model).__name__}")
         if hf not in meta_sd:
             raise UnsupportedModel(f"{path}: {t.name} maps to {hf}, which {type(model).__name__} lacks")
-        dense.append((hf, t))
+        entries.append((hf, t))
         types["dense"].add(type_name)
     tied = getattr(model, "all_tied_weights_keys", {}) or {}
     expert_names = {f"{n}.{p}" for n, m in experts.values() for p in expert_params(m)}
-    missing = [k for k in meta_sd if k not in {h for h, _ in dense} and k not in tied and k not in expert_names]
+    missing = [k for k in meta_sd if k not in {h for h, _ in entries} and k not in tied and k not in expert_names]
     if missing:
         raise UnsupportedModel(f"{path}: the file lacks {len(missing)} tensor(s) that {type(model).__name__} needs, "
                                f"e.g. {', '.join(missing[:5])}")
@@ -221,15 +222,16 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
     total = sum(int(t.n_bytes) for t in reader.tensors)
     with store_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True,
                                                   desc=f"convert {out.name}", disable=not progress) as bar:
-        specs = [(hf, dtype, tuple(meta_sd[hf].shape)) for hf, _ in dense]
+        int8 = {f"{n}.weight" for n in int8_linears(model)} if dense == "int8" else set()
+        specs = int8_dense_specs([(hf, dtype, tuple(meta_sd[hf].shape)) for hf, _ in entries], int8)
 
         def dense_tensors():
-            for hf, t in dense:
+            for hf, t in entries:
                 w = _tensor(dequantize(t.data, t.tensor_type)).reshape(meta_sd[hf].shape)
                 bar.update(int(t.n_bytes))
                 yield hf, w.to(dtype)
 
-        dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, dense_tensors(),
+        dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, int8_dense_tensors(dense_tensors(), int8),
                                         {"format": "pt", "producer": f"moestream {__version__}"})
         layers = []
         for layer in sorted(experts):
@@ -250,6 +252,8 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
                                 "files": {path.name: path.stat().st_size}, "gguf_architecture": arch},
                    config=config, model=model, dtype=dtype,
                    quant={"experts": experts_format, "experts_transcoded": transcoded,
-                          "dense": f"gguf {','.join(sorted(types['dense']))} -> {str(dtype).removeprefix('torch.')}"},
+                          "dense": "int8_channel" if int8 else "none",
+                          "dense_source": f"gguf {','.join(sorted(types['dense']))} -> "
+                                          f"{'int8' if int8 else str(dtype).removeprefix('torch.')}"},
                    dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers, seconds=time.time() - t0)
     return out

@@ -178,6 +178,29 @@ def test_cli_convert_and_run_a_gguf_file(tmp_path, tok, capsys, monkeypatch):
     assert "2 MoE layers x 8 experts, top-2" in out and "Q8_0" in out and "supported     yes" in out
 
 
+def test_gguf_dense_int8(tmp_path, tok):
+    """--dense int8 on a GGUF import: dense nn.Linear weights int8 per channel, labelled, close to the exact import."""
+    from moestream.quant import Int8Linear
+
+    path = export_gguf(qwen3(), tmp_path / "m.gguf", tok, experts="Q4_0")
+    exact = convert(str(path), tmp_path / "exact", dtype=torch.float32, progress=False)
+    small = convert(str(path), tmp_path / "int8", dtype=torch.float32, dense="int8", progress=False)
+    meta = json.loads((small / "store.json").read_text())["quant"]
+    assert meta["dense"] == "int8_channel" and json.loads((exact / "store.json").read_text())["quant"]["dense"] == "none"
+    assert Store.open(small).dense_bytes < 0.6 * Store.open(exact).dense_bytes  # the fp32 embedding stays
+    ids = torch.tensor([PROMPT])
+    with moestream.load(exact, cache="1MB", progress=False) as a, moestream.load(small, cache="1MB", progress=False) as b:
+        assert any(isinstance(mod, Int8Linear) for mod in b.model.modules())
+        with torch.no_grad():
+            pa, pb = a.model(ids).logits.log_softmax(-1), b.model(ids).logits.log_softmax(-1)
+        kl = (pa.exp() * (pa - pb)).sum(-1).mean().item()
+        assert 0 < kl < 0.01
+        list(b.stream_ids(PROMPT, 3))
+        assert "dense format         int8_channel (LOSSY" in b.stats.format()
+        list(a.stream_ids(PROMPT, 3))
+        assert "dense format" not in a.stats.format()
+
+
 def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\x00" * 64)
