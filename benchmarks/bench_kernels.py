@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine_description, write_section
-from moestream.quant import dequantize, quantize
+from moestream.quant import dequantize, dequantize_gguf, quantize
 
 MARK = "<!-- bench_kernels -->"
 
@@ -36,8 +36,18 @@ def make_experts(n: int, hidden: int, inter: int) -> list[dict[str, torch.Tensor
             e[f"{name}_q4"], e[f"{name}_s4"] = q4["q"], q4["scale"]
             e[f"{name}_s8f"] = q8["scale"].float()
             e[f"{name}_s4h"] = q4["scale"].half()  # as a GGUF Q4_0 import stores them
+            e[f"{name}_q4k"] = _q4k_blocks(w.shape)  # llama.cpp Q4_K blocks as a GGUF import keeps them
         out.append(e)
     return out
+
+
+def _q4k_blocks(shape) -> torch.Tensor:
+    """Random valid Q4_K blocks (144 bytes per 256 values; fp16 d and dmin at the start of each block)."""
+    rows, cols = shape
+    b = torch.randint(0, 256, (rows, cols // 256, 144), dtype=torch.uint8)
+    b[..., 0:2] = torch.full((rows, cols // 256), 0.001, dtype=torch.float16).unsqueeze(-1).view(torch.uint8)
+    b[..., 2:4] = torch.full((rows, cols // 256), 0.004, dtype=torch.float16).unsqueeze(-1).view(torch.uint8)
+    return b.view(rows, -1)
 
 
 def mlp(x, gu, dn):
@@ -69,6 +79,9 @@ def paths():
         "int4 g32 GroupedWeight (moestream: compiled fused kernel at M=1, fp32 x)": (
             lambda e, x: _grouped(e, x), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
         "int4 g32 GroupedWeight, bf16 x": (lambda e, x: _grouped(e, x.bfloat16()), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
+        "GGUF Q4_K blocks: gguf-py dequantise + fp32 F.linear": (
+            lambda e, x: mlp(x, dequantize_gguf(e["gu_q4k"], "Q4_K", torch.float32),
+                             dequantize_gguf(e["dn_q4k"], "Q4_K", torch.float32)), ("gu_q4k", "dn_q4k")),
         "int4 expand (eager dequantize) + fp32 F.linear": (
             lambda e, x: mlp(x, dequantize(e["gu_q4"], e["gu_s4"], torch.float32),
                              dequantize(e["dn_q4"], e["dn_s4"], torch.float32)), ("gu_q4", "gu_s4", "dn_q4", "dn_s4")),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .budget import PREFILL_CHUNK, rss_bytes
+from .budget import PREFILL_CHUNK
 from .generate import Sampling, accepts_logits_to_keep, sample
 from .text import TextStream
 
@@ -157,7 +157,6 @@ class Engine:
         self.current: Request | None = None  # the request being prefilled
         self.batch = Batch()
         self.stats = EngineStats()
-        self.peak_rss = rss_bytes()
         self._extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model.model) else {}
         self._cv = threading.Condition()
         self._stopping = False
@@ -222,7 +221,6 @@ class Engine:
                 self.current = None
                 for r in failed:
                     self._finish(r, "error", f"{type(e).__name__}: {e}")
-            self.peak_rss = max(self.peak_rss, rss_bytes())
 
     def _finish(self, r: Request, reason: str, piece: str = "") -> None:
         r.finish_reason = reason

@@ -110,12 +110,10 @@ EXTRA_KEYS = {"moe_intermediate_size": "expert_feed_forward_length",
               "head_dim": "attention.key_length", "norm_topk_prob": "expert_weights_norm"}
 
 
-def gguf_config(path: Path, reader=None, arch: str | None = None):
-    """transformers' config from the GGUF metadata, completed with the MoE sizes it leaves out."""
+def gguf_config(path: Path, reader, arch: str):
+    """transformers' config from the GGUF metadata (`reader`, of `arch`), completed with the MoE sizes it leaves out."""
     from transformers import AutoConfig
 
-    if reader is None:
-        reader, arch = _open(path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     for attr, key in EXTRA_KEYS.items():
         value = read_field(reader, f"{arch}.{key}")

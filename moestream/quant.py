@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import GroupedWeight
+
 SCHEMES = ("int8", "int4")
 
 
@@ -160,8 +162,6 @@ def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool
     """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name` (or, with
     `cpu_kernels`, kept compact: per-channel int8 as an Int8Weight, group-wise int4/int8 as a
     kernels.GroupedWeight), GGUF blocks dequantised, row pieces joined, everything else cast to `dtype`."""
-    from .kernels import GroupedWeight
-
     out = {}
     for name, t in parts.items():
         if name.endswith(".q"):

@@ -199,7 +199,7 @@ class StreamedModel:
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
-    def _eos(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
         ids = set()
         for src in (getattr(self.model, "generation_config", None), self.model.config):
             eos = getattr(src, "eos_token_id", None) if src is not None else None
@@ -219,7 +219,7 @@ class StreamedModel:
             self.recorder.new_sequence()
         try:
             yield from generate_ids(self.model, ids, max_new_tokens, Sampling(**sampling), self.cache, stats,
-                                    eos=self._eos() if stop_at_eos else set(), recorder=self.recorder)
+                                    eos=self.eos_ids() if stop_at_eos else set(), recorder=self.recorder)
         finally:
             if self.recorder is not None:
                 self.recorder.runs.append(stats.to_dict())

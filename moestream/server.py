@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .batch import Engine, QueueFull, Request
-from .budget import rss_bytes
+from .budget import peak_rss_bytes, rss_bytes
 from .generate import Sampling
 from .text import TOKENIZER_LOCK, TextStream
 
@@ -164,10 +164,12 @@ class Server:
         self.started = time.monotonic()
 
     # -- requests into jobs ---------------------------------------------------------------------
-    def _check_model(self, model: str) -> None:
-        if model != self.name:
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.name}'",
+    def admit(self, body: Generation) -> None:
+        """Checks every endpoint makes before encoding: the model name, and features we do not have."""
+        if body.model != self.name:
+            raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
+        _refuse_unsupported(body)
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         tok = self.model.tokenizer
@@ -214,7 +216,7 @@ class Server:
 
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, top_k=top_k, seed=body.seed)
         request = Request(ids, max_tokens, sampling, TextStream(self.model.tokenizer, stop), emit,
-                          eos=set() if body.ignore_eos else self.model._eos())
+                          eos=set() if body.ignore_eos else self.model.eos_ids())
         try:
             self.engine.submit(request)
         except QueueFull as e:
@@ -283,8 +285,8 @@ class Server:
             ("active_requests", "gauge", "Requests prefilling or decoding.", [("", self.engine.active)]),
             ("max_batch", "gauge", "Most requests decoded together.", [("", self.engine.max_batch)]),
             ("resident_bytes", "gauge", "Resident memory of the process.", [("", rss_bytes())]),
-            ("peak_resident_bytes", "gauge", "Peak resident memory seen by the engine.",
-             [("", self.engine.peak_rss)]),
+            ("peak_resident_bytes", "gauge", "Peak resident memory of the process (VmHWM).",
+             [("", peak_rss_bytes())]),
             ("memory_budget_bytes", "gauge", "The --memory budget (0: none given).",
              [("", self.model.memory.memory or 0)]),
         ]
@@ -356,6 +358,24 @@ def create_app(server: Server) -> FastAPI:
                                                          kind="not_found_error" if e.status_code == 404
                                                          else "invalid_request_error", headers=e.headers))
 
+    def openai_stream(job: Job, body, chunk, usage_head: dict, first: str = "") -> StreamingResponse:
+        """Server-sent events as OpenAI streams them: `chunk(piece, finish)` per piece, an error event if
+        generation fails, the usage chunk when asked for, then [DONE]."""
+        async def events():
+            if first:
+                yield first
+            async for piece, finish in server.pieces(job):
+                if finish == "error":
+                    yield _sse({"error": {"message": f"generation failed: {piece}", "type": "server_error"}})
+                    return
+                if piece or finish:
+                    yield chunk(piece, finish)
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({**usage_head, "choices": [], "usage": server.usage(job)})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": server.name, "active": server.engine.active, "queued": server.engine.queued}
@@ -371,8 +391,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HttpRequest):
-        server._check_model(body.model)
-        _refuse_unsupported(body)
+        server.admit(body)
         ids = server._chat_ids([{"role": m.role, "content": _text(m.content)} for m in body.messages])
         job = server.submit(ids, body, body.max_completion_tokens or body.max_tokens, _stops(body.stop))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -383,30 +402,19 @@ def create_app(server: Server) -> FastAPI:
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                  "logprobs": None}]}
 
-        def chunk(delta: dict, finish: str | None) -> str:
-            return _sse({**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+        def chunk(piece: str, finish: str | None) -> str:  # text and the finish reason in chunks of their own
+            def one(delta: dict, reason: str | None) -> str:
+                return _sse({**head, "object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+            return (one({"content": piece}, None) if piece else "") + (one({}, finish) if finish else "")
 
-        async def events():
-            yield chunk({"role": "assistant", "content": ""}, None)
-            async for piece, finish in server.pieces(job):
-                if finish == "error":
-                    yield _sse({"error": {"message": f"generation failed: {piece}", "type": "server_error"}})
-                    return
-                if piece:
-                    yield chunk({"content": piece}, None)
-                if finish is not None:
-                    yield chunk({}, finish)
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": server.usage(job)})
-            yield _sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        first = _sse({**head, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
+        return openai_stream(job, body, chunk, {**head, "object": "chat.completion.chunk"}, first)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
-        server._check_model(body.model)
-        _refuse_unsupported(body)
+        server.admit(body)
         job = server.submit(server._prompt_ids(body.prompt), body, body.max_tokens or 16, _stops(body.stop),
                             param="prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -416,24 +424,14 @@ def create_app(server: Server) -> FastAPI:
             return {**head, "usage": server.usage(job), "choices": [
                 {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
 
-        async def events():
-            async for piece, finish in server.pieces(job):
-                if finish == "error":
-                    yield _sse({"error": {"message": f"generation failed: {piece}", "type": "server_error"}})
-                    return
-                if piece or finish:
-                    yield _sse({**head, "choices": [{"index": 0, "text": piece, "finish_reason": finish,
-                                                     "logprobs": None}]})
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**head, "choices": [], "usage": server.usage(job)})
-            yield _sse("[DONE]")
+        def chunk(piece: str, finish: str | None) -> str:
+            return _sse({**head, "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]})
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return openai_stream(job, body, chunk, head)
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, http: HttpRequest):
-        server._check_model(body.model)
-        _refuse_unsupported(body)
+        server.admit(body)
         turns = [{"role": "system", "content": _text(body.system)}] if body.system else []
         turns += [{"role": m.role, "content": _text(m.content)} for m in body.messages]
         job = server.submit(server._chat_ids(turns), body, body.max_tokens, body.stop_sequences or [],

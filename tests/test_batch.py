@@ -45,7 +45,7 @@ class Collector:
 
 def request(m, prompt: str, n: int, out: Collector, stop=(), **sampling) -> Request:
     return Request(m.encode(prompt, chat=False), n, Sampling(**sampling), TextStream(m.tokenizer, stop), out,
-                   eos=m._eos())
+                   eos=m.eos_ids())
 
 
 def test_batched_greedy_equals_alone(tiny):
