@@ -93,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="LOSSY, opt-in: quantise the dense nn.Linear weights (attention, dense MLPs, lm_head) to "
                         "int8 per output channel: half the resident bytes of bf16, torch's packed int8 matmul on CPU")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="for a .gguf SRC: the dense weights' dtype (default bfloat16; float32 keeps them exact)")
+                   help="for a .gguf or quantised (FP8, MXFP4, INT4) SRC: the dtype its dense weights are dequantised "
+                        "into (default bfloat16; float32 keeps them exact). Experts always keep their format")
 
     r = sub.add_parser("run", help="generate text from a prompt", description="Generate from MODEL, streaming "
                        "experts, and print statistics at the end.", epilog=EPILOG_RUN,
@@ -469,11 +470,11 @@ def _inspect_model(args) -> int:
     fmt = r.native_experts
     try:
         check_weights_supported(size.config, args.store)
-        supported, why = True, "yes: streamed exactly from its bf16/fp16/fp32 weights"
+        supported, why = True, (f"yes: experts streamed as stored ({fmt}), dense dequantised from {r.native_dense} "
+                                "at convert (--dtype)" if fmt not in ("bf16", "fp16", "fp32")
+                                else "yes: streamed exactly from its bf16/fp16/fp32 weights")
     except UnsupportedModel as e:
         supported, why = False, f"no: {e}"
-    if r.source.startswith("preset") and fmt not in ("bf16", "fp16", "fp32"):
-        supported, why = False, f"no: its experts ship as {fmt}, which moestream does not read yet"
     summary = {"model": size.name, "model_type": size.model_type, "source": r.source,
                "parameters": size.total_params, "dense_parameters": size.dense_params, "moe_layers": size.moe_layers,
                "experts": size.experts, "top_k": size.top_k, "shared_experts": size.shared_experts,
@@ -534,10 +535,14 @@ def _inspect(args) -> int:
         return 0
     print(f"{s.root}\n  model         {summary['architecture']} ({summary['model_type']}), from {summary['source']}")
     q = s.meta["quant"]["experts"]
-    print(f"  dtype         {summary['dtype']}, experts quantisation: {q}" + (" (LOSSY)" if q != "none" else " (exact)"))
+    lossy = s.meta["quant"].get("lossy", q in ("int8_channel",) or q.startswith("int4_g"))
+    print(f"  dtype         {summary['dtype']}, experts format: {q}" + (
+        " (LOSSY: quantised by moestream convert)" if lossy else " (exact: as the source stores them)"))
     dq = s.meta["quant"].get("dense", "none")
     if dq != "none":
         print(f"  dense format  {dq} (LOSSY)")
+    if s.meta["quant"].get("dense_source"):
+        print(f"  dense source  {s.meta['quant']['dense_source']}")
     print(f"  dense         {format_size(s.dense_bytes)} resident (dense.safetensors)")
     print(f"  experts       {format_size(s.expert_bytes)} in {len(s.layers)} MoE layers x "
           f"{summary['experts_per_layer']} experts, record {summary['record_bytes']} bytes")
@@ -562,9 +567,6 @@ def main(argv: list[str] | None = None) -> int:
 
             from .convert import convert
 
-            if args.dtype and not args.src.endswith(".gguf"):
-                raise ValueError("--dtype applies to .gguf sources; checkpoints keep their dtype (`run --dtype` "
-                                 "sets the compute dtype)")
             out = convert(args.src, args.out, force=args.force, revision=args.revision, experts=args.experts,
                           group=args.group, dtype=getattr(torch, args.dtype) if args.dtype else None,
                           dense=args.dense)

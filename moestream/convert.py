@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, rename_source_key
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, rename_source_key
 
 from . import __version__
+from .native import NativeCheckpoint
 from .quant import SCHEMES, int8_linears, quantize, scheme_name
 from .reader import CHECKSUM, checksum
 from .safetensors_io import Checkpoint, write_safetensors
-from .skeleton import UnsupportedModel, check_weights_supported, experts_modules, expert_params, layer_index, load_config, meta_model
+from .skeleton import UnsupportedModel, experts_modules, expert_params, layer_index, load_config, meta_model, quantization
 from .stores import is_hub_id
 from .store import ALIGN, DENSE_FILE, FORMAT, FORMAT_VERSION, STORE_JSON, LayerInfo, dtype_name, record_layout
 
@@ -180,6 +181,50 @@ def _expert_tensors(plan: _ExpertPlan, e: int, ckpt: Checkpoint) -> dict[str, to
     return out
 
 
+def _native_expert(plan: _ExpertPlan, e: int, ckpt: NativeCheckpoint) -> dict[str, torch.Tensor]:
+    """One expert's record tensors with its quantised matrices kept as stored (native.py): a parameter made of
+    several checkpoint matrices (gate and up) becomes row pieces `name#0`, `name#1`, joined after expansion.
+    Only the converters that stack experts and concatenate rows are understood here; anything else that
+    rearranges values would need the dequantised path."""
+    pieces: dict[str, list[tuple[str, bool]]] = {}
+    for fused, groups in ((False, plan.per_expert.get(e, [])), (True, plan.fused)):
+        for g in groups:
+            if g.converter is None:
+                keys = [g.keys[0][0]]
+            else:
+                ops = g.converter.operations
+                if fused or not all((isinstance(op, MergeModulelist) and op.dim == 0)
+                                    or (isinstance(op, Concatenate) and op.dim == 1) for op in ops):
+                    raise UnsupportedModel(f"{g.target}: transformers rearranges these expert weights "
+                                           f"({', '.join(type(op).__name__ for op in ops)}); keeping their native "
+                                           "format is not supported for this layout")
+                keys = [k for pattern in g.converter.source_patterns for k, p in g.keys if p == pattern]
+            pieces.setdefault(g.target.removeprefix(plan.module + "."), []).extend((k, fused) for k in keys)
+    out = {}
+    for param, (_, shape) in plan.params.items():
+        keys = pieces.get(param)
+        if not keys:
+            raise UnsupportedModel(f"checkpoint has no tensor for {plan.module}.{param} (expert {e})")
+        rows = 0
+        for i, (key, fused) in enumerate(keys):
+            name = param if len(keys) == 1 else f"{param}#{i}"
+            q = ckpt.quantised(key)
+            if q is not None:
+                logical = q.shape[1:] if fused else q.shape
+                out.update(ckpt.parts(q, e if fused else None, name))
+            else:
+                t = ckpt.get_rows(key, e, e + 1)[0] if fused else ckpt.get(key)
+                logical = tuple(t.shape)
+                out[name] = t
+            if tuple(logical[1:]) != tuple(shape[1:]):
+                raise UnsupportedModel(f"{key}: shape {tuple(logical)} does not fit {plan.module}.{param} {shape}")
+            rows += logical[0]
+        if rows != shape[0]:
+            raise UnsupportedModel(f"{plan.module}.{param}, expert {e}: the checkpoint gives {rows} rows, "
+                                   f"the model needs {shape[0]}")
+    return out
+
+
 def _stored(tensors: dict[str, torch.Tensor], scheme: str | None, group: int) -> dict[str, torch.Tensor]:
     """An expert's tensors as the record keeps them: as they are, or matrices quantised (quant.py)."""
     if scheme is None:
@@ -287,6 +332,20 @@ def store_directory(out: Path, force: bool):
         raise
 
 
+def _quant_meta(plan: _Plan, ckpt, experts: str | None, group: int, int8: set) -> dict:
+    """store.json's `quant`: the experts' format, the dense part's, and for a quantised source what it was."""
+    meta = {"experts": scheme_name(experts, group) if experts else "none", "dense": "int8_channel" if int8 else "none",
+            "lossy": bool(experts or int8)}
+    if isinstance(ckpt, NativeCheckpoint):
+        expert_keys = {k for p in plan.experts.values() for groups in (*p.per_expert.values(), p.fused)
+                       for g in groups for k, _ in g.keys}
+        meta["experts"] = ckpt.label(expert_keys)
+        dense = ckpt.label(set(ckpt.keys()) - expert_keys)
+        if dense != "none":
+            meta["dense_source"] = f"{dense} dequantised to {dtype_name(ckpt.dtype)}"
+    return meta
+
+
 def write_meta(tmp: Path, *, source: dict, config, model, dtype: torch.dtype, quant: dict, dense_bytes: int,
                dense_tensors: int, layers: list[LayerInfo], seconds: float, skipped: list[str] = ()) -> None:
     meta = {
@@ -315,7 +374,8 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     """Convert checkpoint `src` (directory, hub id or .gguf file) into a store at `out`; returns `out`.
 
     `experts` = 'int8' or 'int4' quantises the experts (lossy, opt-in); None keeps them as they are.
-    `dtype`: the dense weights' dtype for a GGUF source (default bfloat16; float32 keeps them exact).
+    `dtype`: the dense weights' dtype for a GGUF or quantised source (default bfloat16; float32 keeps them
+    exact). A quantised checkpoint's experts keep their format (native.py); its dense part is dequantised.
     `dense` = 'int8' quantises the dense nn.Linear weights per output channel (lossy, opt-in).
 
     Nothing appears at `out` until the store is complete: everything is written into a
@@ -336,9 +396,16 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     src_dir = resolve_source(src, revision)
     config = load_config(str(src_dir))
-    check_weights_supported(config, str(src_dir))
+    native = quantization(config) is not None
+    if dtype is not None and not native:
+        raise ValueError("--dtype applies to .gguf and quantised sources; a plain checkpoint keeps its dtype "
+                         "(`run --dtype` sets the compute dtype)")
+    if native and experts is not None:
+        raise ValueError(f"--experts: {src} is quantised ({quantization(config)}); its experts keep their own format")
     model = meta_model(config)
     ckpt = Checkpoint(src_dir)
+    if native:
+        ckpt = NativeCheckpoint(ckpt, config, dtype or torch.bfloat16)
     plan = _Plan(model, ckpt)
     t0 = time.time()
     skipped = set(plan.skipped)
@@ -360,15 +427,23 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
         layers = []
         for module in sorted(plan.experts, key=lambda m: plan.experts[m].layer):
             p = plan.experts[module]
+            if native:
+                records = lambda e, p=p: _native_expert(p, e, ckpt)
+            else:
+                records = lambda e, p=p: _stored(_expert_tensors(p, e, ckpt), experts, group)
             layers.append(write_layer(tmp / "experts" / f"layer-{p.layer:03d}.bin", p.layer, module, p.experts,
-                                      lambda e, p=p: _stored(_expert_tensors(p, e, ckpt), experts, group), bar))
+                                      records, bar))
         for f in sorted(src_dir.iterdir()):
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
+        if native:  # the store's dense part is dequantised: its config must not say otherwise
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg.pop("quantization_config", None)
+            cfg.get("text_config", {}).pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         write_meta(tmp, source={"model": str(src), "path": str(src_dir), "revision": revision, "files": ckpt.files()},
                    config=config, model=model, dtype=_store_dtype(plan.dense_specs),
-                   quant={"experts": scheme_name(experts, group) if experts else "none",
-                          "dense": "int8_channel" if int8 else "none"},
+                   quant=_quant_meta(plan, ckpt, experts, group, int8),
                    dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers,
                    seconds=time.time() - t0, skipped=plan.skipped)
     return out

@@ -250,7 +250,7 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
                                 "files": {path.name: path.stat().st_size}, "gguf_architecture": arch},
                    config=config, model=model, dtype=dtype,
                    quant={"experts": experts_format, "experts_transcoded": transcoded,
-                          "dense": "int8_channel" if int8 else "none",
+                          "dense": "int8_channel" if int8 else "none", "lossy": bool(int8),
                           "dense_source": f"gguf {','.join(sorted(types['dense']))} -> "
                                           f"{'int8' if int8 else str(dtype).removeprefix('torch.')}"},
                    dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers, seconds=time.time() - t0)

@@ -18,6 +18,7 @@ from .presets import find_preset, preset_config
 from .sizes import format_size, parse_size
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import STORE_JSON, align_up
+from .native import native_formats
 from .stores import is_hub_id
 
 FORMATS: dict[str, str] = {
@@ -145,7 +146,8 @@ def resolve_model(spec: str) -> Resolved:
     if p.is_file() and p.name.endswith(".json"):
         p = p.parent
     if (p / "config.json").is_file():
-        return Resolved(measure(load_config(str(p)), str(p)), "bf16", "bf16", f"config {p / 'config.json'}")
+        config = load_config(str(p))
+        return Resolved(measure(config, str(p)), *native_formats(config), f"config {p / 'config.json'}")
     if not is_hub_id(spec):
         from .presets import PRESETS
         from .skeleton import UnsupportedModel
@@ -154,7 +156,8 @@ def resolve_model(spec: str) -> Resolved:
     from huggingface_hub import hf_hub_download
 
     cfg = Path(hf_hub_download(spec, "config.json"))
-    return Resolved(measure(load_config(str(cfg.parent)), spec), "bf16", "bf16", f"hub config {spec}")
+    config = load_config(str(cfg.parent))
+    return Resolved(measure(config, spec), *native_formats(config), f"hub config {spec}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import GroupedWeight
+from .native import dequantize_part, is_scale_part
 
 SCHEMES = ("int8", "int4")
 
@@ -147,9 +148,11 @@ def expanded_values(slots) -> int:
         count = 1
         for d in s.shape:
             count *= d
-        if s.name.endswith(".scale"):
+        if is_scale_part(s.name):
             continue
-        if GGUF_SUFFIX in s.name:
+        if s.name.endswith(".fp4"):
+            count *= 2
+        elif GGUF_SUFFIX in s.name:
             block, size = gguf.GGML_QUANT_SIZES[gguf_type(s.name.split(GGUF_SUFFIX)[1])]
             count = count // size * block
         elif s.name.endswith(".q") and s.dtype == "uint8":
@@ -158,10 +161,13 @@ def expanded_values(slots) -> int:
     return n
 
 
-def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool = False) -> dict:
+def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool = False,
+           transposed: bool = False) -> dict:
     """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name` (or, with
     `cpu_kernels`, kept compact: per-channel int8 as an Int8Weight, group-wise int4/int8 as a
-    kernels.GroupedWeight), GGUF blocks dequantised, row pieces joined, everything else cast to `dtype`."""
+    kernels.GroupedWeight), GGUF blocks and native fp8/fp4 parts dequantised (the latter, stored [out, in],
+    transposed for a module that keeps its weights transposed), row pieces joined, everything else cast
+    to `dtype`."""
     out = {}
     for name, t in parts.items():
         if name.endswith(".q"):
@@ -173,10 +179,14 @@ def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool
                 out[base] = GroupedWeight(t, scale)
             else:
                 out[base] = dequantize(t, scale, dtype)
+        elif name.endswith((".fp8", ".fp4")):
+            base = name.rsplit(".", 1)[0]
+            w = dequantize_part(base, parts)
+            out[base] = (w.T if transposed else w).to(dtype)
         elif GGUF_SUFFIX in name:
             base, type_name = name.split(GGUF_SUFFIX)
             out[base] = dequantize_gguf(t, type_name, dtype)
-        elif not name.endswith(".scale"):
+        elif not is_scale_part(name):
             out[name] = t if t.dtype == dtype else t.to(dtype)
     for base in sorted({n.split("#")[0] for n in out if "#" in n}):
         pieces = sorted((n for n in out if n.startswith(base + "#")), key=lambda n: int(n.split("#")[1]))

@@ -67,7 +67,8 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
     w = record_tensors(record, src.info.tensors)
     if src.device.type != "cpu":  # copy the compact form; expand on the device
         w = {k: v.to(src.device, non_blocking=True) for k, v in w.items()}
-    w = expand(w, src.dtype, cpu_kernels=CPU_KERNELS and src.device.type == "cpu" and not self.is_transposed)
+    w = expand(w, src.dtype, cpu_kernels=CPU_KERNELS and src.device.type == "cpu" and not self.is_transposed,
+               transposed=self.is_transposed)
     pos, tok = torch.where(mask[e])
     x = hidden_states[tok]
     up = "gate_up_proj" if self.has_gate else "up_proj"

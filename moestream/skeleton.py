@@ -32,13 +32,17 @@ def quantization(config: PretrainedConfig) -> str | None:
     return str(q.get("quant_method") or q.get("format") or "unknown")
 
 
+QUANTISATIONS = ("fp8", "mxfp4", "compressed-tensors")  # what native.py reads
+
+
 def check_weights_supported(config: PretrainedConfig, path: str) -> None:
-    """Refuse quantised checkpoints for now: reading their scales as plain weights would be silently wrong."""
+    """Refuse quantisation methods native.py does not read: their scales read as plain weights would be wrong."""
     method = quantization(config)
-    if method is not None:
+    if method is not None and method not in QUANTISATIONS:
         raise UnsupportedModel(
-            f"{path}: the checkpoint is quantised ({method}); moestream reads bf16, fp16 and fp32 checkpoints so "
-            "far (native FP8, MXFP4, INT4 and FP4 experts are planned). Convert a bf16 copy of the model instead."
+            f"{path}: the checkpoint is quantised ({method}); moestream reads bf16, fp16 and fp32 checkpoints and "
+            "these formats: fp8 (block-scaled e4m3, fp32 or E8M0 scales; DeepSeek V3/R1/V4, Kimi K2), mxfp4 "
+            "(GPT-OSS), fp4 e2m1 experts (DeepSeek V4), compressed-tensors pack-quantized int4 (Kimi K2 Thinking/K2.5)"
         )
 
 

@@ -29,6 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "int8": torch.int8,  # quantised experts (quant.py)
     "uint8": torch.uint8,
+    "float8_e4m3fn": torch.float8_e4m3fn,  # native fp8 experts (native.py)
 }
 
 

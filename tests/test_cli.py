@@ -91,7 +91,7 @@ def test_convert_and_inspect(qwen3_ckpt, tmp_path):
     d = json.loads(r.stdout)
     assert (d["moe_layers"], d["experts"], d["top_k"], d["supported"]) == (2, 8, 2, True)
     r = cli("inspect", "deepseek-v3")
-    assert r.returncode == 0 and "fp8" in r.stdout and "supported     no" in r.stdout
+    assert r.returncode == 0 and "supported     yes: experts streamed as stored (fp8)" in r.stdout
 
 
 def test_random_demo_streams_on_a_fresh_home(tmp_path):

@@ -191,6 +191,8 @@ def test_peak_memory_is_about_one_expert_not_the_model(qwen3_ckpt, tmp_path, mon
 
 
 def test_quantised_checkpoint_is_refused_not_misread(qwen3_ckpt, tmp_path):
+    """A config that says FP8 over weights that are not (and an unknown method) is refused, nothing written.
+    Real quantised checkpoints are in test_native.py."""
     import shutil
 
     d = tmp_path / "fp8"
@@ -198,6 +200,10 @@ def test_quantised_checkpoint_is_refused_not_misread(qwen3_ckpt, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModel, match=r"quantised \(fp8\)"):
+    with pytest.raises(UnsupportedModel, match=r"says fp8, but no quantised tensor"):
+        conv.convert(str(d), tmp_path / "out", progress=False)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModel, match=r"quantised \(gptq\).*mxfp4"):
         conv.convert(str(d), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -39,16 +39,51 @@ FAMILIES = {
     "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16),
     "qwen3_next": dict(HYBRID, intermediate_size=96),
     "qwen3_5_moe_text": dict(HYBRID),
+    "deepseek_v4": dict(num_key_value_heads=1, head_dim=32, q_lora_rank=32, o_lora_rank=32, o_groups=2,
+                        index_n_heads=4, index_head_dim=16, index_topk=4, sliding_window=8,
+                        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, num_hidden_layers=4,
+                        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], hc_mult=2, num_nextn_predict_layers=0,
+                        layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
+                                     "sliding_attention", "compressed_sparse_attention"]),
 }
+# DeepSeek V4's checkpoints name tensors without the `model.` prefix (`embed.weight`, `layers.0.attn.wq_a.weight`,
+# `hc_head_fn`); transformers 5.25's save_pretrained keeps the prefix, so the test writes upstream's names.
+V4_NAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_base": "hc_head_base", "hc_head.hc_fn": "hc_head_fn",
+            "hc_head.hc_scale": "hc_head_scale"}
+
+
+def on_disk_name(family: str, key: str) -> str:
+    """The upstream checkpoint's name for a tensor transformers saved as `key`."""
+    if family != "deepseek_v4":
+        return key
+    key = key.removeprefix("model.")
+    return V4_NAMES.get(key, key)
+
+
+def save_tiny(family: str, path, overrides: dict | None = None) -> None:
+    """A tiny random `family` model in fp32, saved under the upstream checkpoint's tensor names."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES.get(family, {}), **(overrides or {})})
+    model = AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():  # hash routing (DeepSeek V4's first layers) reads a token -> experts table
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):
+                buf.copy_(torch.stack([torch.randperm(config.n_routed_experts)[:buf.shape[1]] for _ in buf]))
+    model.save_pretrained(path)
+    if family == "deepseek_v4":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / "model.safetensors")
+        save_file({on_disk_name(family, k): t for k, t in tensors.items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 61, 128, 9]
 NEW = 24
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_parity(family, tmp_path):
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]})
-    AutoModelForCausalLM.from_config(config).float().save_pretrained(tmp_path / "ckpt")
+    save_tiny(family, tmp_path / "ckpt")
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", experts_implementation="eager",
                                                dtype=torch.float32).eval()
     store = convert(str(tmp_path / "ckpt"), tmp_path / "store", progress=False)

@@ -23,6 +23,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_families import FAMILIES
     from test_gguf import CASES
+    from test_native import TABLE
 
     out = [("qwen3_moe", "bf16/fp16/fp32 checkpoint", EXACT,
             "tests/test_parity.py::test_streamed_matches_transformers[qwen3]"),
@@ -36,6 +37,7 @@ def rows() -> list[tuple[str, str, str, str]]:
              "tests/test_quant.py::test_eval_kl_bounds"),
             ("qwen3_moe", "int8 dense (`--dense int8`, lossy)", "exact to its dequantised weights; KL bound",
              "tests/test_quant.py::test_dense_int8_computes_its_dequantised_weights")]
+    out += [(f, w, p, f"tests/test_native.py::{t}") for f, w, p, t in TABLE]
     for case, (_, kw) in CASES.items():
         family = "qwen2_moe" if case.startswith("qwen2moe") else "qwen3_moe"
         t = {p: kw.get("types", {}).get(p, kw["experts"]) for p in ("gate", "up", "down")}
