@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine_description, write_section
+from moestream.native import dequantize_fp4, dequantize_fp8
 from moestream.quant import dequantize, dequantize_gguf, quantize
 
 MARK = "<!-- bench_kernels -->"
@@ -37,8 +38,19 @@ def make_experts(n: int, hidden: int, inter: int) -> list[dict[str, torch.Tensor
             e[f"{name}_s8f"] = q8["scale"].float()
             e[f"{name}_s4h"] = q4["scale"].half()  # as a GGUF Q4_0 import stores them
             e[f"{name}_q4k"] = _q4k_blocks(w.shape)  # llama.cpp Q4_K blocks as a GGUF import keeps them
+            e[f"{name}_f8"], e[f"{name}_f8s"] = _fp8_blocks(w)  # DeepSeek-V3 FP8, as a native store keeps it
+            e[f"{name}_f4"] = torch.randint(0, 256, (w.shape[0], w.shape[1] // 2), dtype=torch.uint8)  # MXFP4
+            e[f"{name}_f4s"] = torch.randint(118, 122, (w.shape[0], w.shape[1] // 32), dtype=torch.uint8)
         out.append(e)
     return out
+
+
+def _fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and fp32 scale_inv per 128x128 block (dimensions here are multiples of 128)."""
+    rows, cols = w.shape
+    scale = w.view(rows // 128, 128, cols // 128, 128).abs().amax(dim=(1, 3)) / 448
+    full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return (w / full).to(torch.float8_e4m3fn), scale
 
 
 def _q4k_blocks(shape) -> torch.Tensor:
@@ -82,6 +94,16 @@ def paths():
         "GGUF Q4_K blocks: gguf-py dequantise + fp32 F.linear": (
             lambda e, x: mlp(x, dequantize_gguf(e["gu_q4k"], "Q4_K", torch.float32),
                              dequantize_gguf(e["dn_q4k"], "Q4_K", torch.float32)), ("gu_q4k", "dn_q4k")),
+        "FP8 e4m3 128x128 blocks (native): expand + fp32 F.linear": (
+            lambda e, x: mlp(x, dequantize_fp8(e["gu_f8"], e["gu_f8s"], (128, 128)),
+                             dequantize_fp8(e["dn_f8"], e["dn_f8s"], (128, 128))), ("gu_f8", "gu_f8s", "dn_f8", "dn_f8s")),
+        "FP8 e4m3 128x128 blocks (native): GroupedWeight (moestream: compiled, fp32 x)": (
+            lambda e, x: _native(e, x, "f8"), ("gu_f8", "gu_f8s", "dn_f8", "dn_f8s")),
+        "FP4 e2m1 + E8M0 g32 (native): GroupedWeight (moestream: compiled, fp32 x)": (
+            lambda e, x: _native(e, x, "f4"), ("gu_f4", "gu_f4s", "dn_f4", "dn_f4s")),
+        "FP4 e2m1 + E8M0 g32 (native MXFP4 / V4): expand + fp32 F.linear": (
+            lambda e, x: mlp(x, dequantize_fp4(e["gu_f4"], e["gu_f4s"]), dequantize_fp4(e["dn_f4"], e["dn_f4s"])),
+            ("gu_f4", "gu_f4s", "dn_f4", "dn_f4s")),
         "int4 expand (eager dequantize) + fp32 F.linear": (
             lambda e, x: mlp(x, dequantize(e["gu_q4"], e["gu_s4"], torch.float32),
                              dequantize(e["dn_q4"], e["dn_s4"], torch.float32)), ("gu_q4", "gu_s4", "dn_q4", "dn_s4")),
@@ -93,6 +115,18 @@ def _grouped(e, x):
 
     g, u = GroupedWeight(e["gu_q4"], e["gu_s4h"]).linear(x).chunk(2, dim=-1)
     return GroupedWeight(e["dn_q4"], e["dn_s4h"]).linear(F.silu(g) * u)
+
+
+def _native(e, x, kind):
+    from moestream.native import grouped_part
+
+    def weight(name):
+        if kind == "f8":
+            return grouped_part("w", {"w.fp8": e[f"{name}_f8"], "w.fp8_scale128x128": e[f"{name}_f8s"]})
+        return grouped_part("w", {"w.fp4": e[f"{name}_f4"], "w.fp4_scale": e[f"{name}_f4s"]})
+
+    g, u = weight("gu").linear(x).chunk(2, dim=-1)
+    return weight("dn").linear(F.silu(g) * u)
 
 
 def _int8pack(e, x):

@@ -1,4 +1,6 @@
-"""CPU kernels for group-quantised expert matrices (int4 and int8 with one scale per group).
+"""CPU kernels for group-quantised expert matrices: int4 and int8 with one scale per group, and the
+native float codes (native.py): FP8 e4m3 (its block scales given per row and column block) and FP4
+e2m1 with E8M0 scales per 32.
 
 Expanding a compact matrix to floats and then multiplying reads and writes it several times; on
 this project's 2-core machines that cost ~10-20 ms per Qwen3-30B-sized int4 matrix, far more than
@@ -21,33 +23,45 @@ import torch
 import torch.nn.functional as F
 
 
-def _unpacked(q: torch.Tensor, groups: int) -> torch.Tensor:
-    """[rows, groups, group] float32 values q (int8) or q - 8 (uint8: two int4 per byte, low nibble first)."""
+def _nibble(n: torch.Tensor, codes: str) -> torch.Tensor:
+    """A 4-bit code's value in float32: int4 stored +8, or e2m1 (sign, 2 exponent bits, 1 mantissa bit).
+    e2m1 is decoded with integer shifts as twice its value (0, 1, 2, 3, 4, 6, 8, 12), then halved: inductor
+    vectorises that (4x faster than float where/exp2 here; a table lookup it does not vectorise)."""
+    if codes == "int4":
+        return n.to(torch.float32) - 8
+    n = n.to(torch.int32)
+    e, m = (n >> 1) & 3, n & 1
+    twice = torch.where(e == 0, m, ((2 + m) << e) >> 1)
+    return (twice * (1 - ((n >> 2) & 2))).to(torch.float32) * 0.5
+
+
+def _unpacked(q: torch.Tensor, groups: int, codes: str) -> torch.Tensor:
+    """[rows, groups, group] float32 values: int8 or e4m3 as they are, or two 4-bit codes per byte, low first."""
     rows = q.shape[0]
-    if q.dtype == torch.int8:
+    if q.dtype != torch.uint8:
         return q.view(rows, groups, -1).to(torch.float32)
     qq = q.view(rows, groups, -1, 1)
-    return (torch.cat([qq & 15, qq >> 4], dim=-1).to(torch.float32) - 8).view(rows, groups, -1)
+    return torch.cat([_nibble(qq & 15, codes), _nibble(qq >> 4, codes)], dim=-1).view(rows, groups, -1)
 
 
-def grouped_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def grouped_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, codes: str) -> torch.Tensor:
     """x [1, cols] times the matrix (q, scale) transposed: [1, rows]; sums in float32.
 
     Written as one long reduction per row (scale applied per term) rather than per-group sums then a
     sum over groups: inductor then vectorises along the row, 3x faster than the short per-group sums."""
     rows, groups = q.shape[0], scale.shape[1]
-    if q.dtype == torch.int8:
+    if q.dtype != torch.uint8:
         terms = q.view(rows, groups, -1).to(torch.float32) * x.to(torch.float32).view(1, groups, -1)
     else:  # the nibble pairs of each byte against the matching pairs of x
         qq = q.view(rows, groups, -1)
         xv = x.to(torch.float32).view(1, groups, -1, 2)
-        terms = ((qq & 15).to(torch.float32) - 8) * xv[..., 0] + ((qq >> 4).to(torch.float32) - 8) * xv[..., 1]
+        terms = _nibble(qq & 15, codes) * xv[..., 0] + _nibble(qq >> 4, codes) * xv[..., 1]
     return (terms * scale.to(torch.float32)[:, :, None]).sum((1, 2)).view(1, -1).to(x.dtype)
 
 
-def grouped_expand(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def grouped_expand(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, codes: str) -> torch.Tensor:
     """The matrix in `dtype`, [rows, cols]."""
-    w = _unpacked(q, scale.shape[1]) * scale.to(torch.float32)[:, :, None]
+    w = _unpacked(q, scale.shape[1], codes) * scale.to(torch.float32)[:, :, None]
     return w.view(q.shape[0], -1).to(dtype)
 
 
@@ -85,10 +99,12 @@ _expand = _Compiled(grouped_expand)
 
 @dataclass(frozen=True)
 class GroupedWeight:
-    """An int4 (uint8, two per byte) or int8 matrix with one scale per group along its rows, kept compact."""
+    """A matrix [rows, cols] kept compact with one scale per group along its rows: int8 or e4m3 values
+    (q of that dtype), or two 4-bit codes per byte (uint8; `codes` 'int4' or 'e2m1')."""
 
     q: torch.Tensor
     scale: torch.Tensor  # [rows, groups]
+    codes: str = "int4"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         # float32 in, float32 out of the compiled graphs: inductor stops vectorising when bf16 and fp16
@@ -96,24 +112,43 @@ class GroupedWeight:
         scale = self.scale.to(torch.float32)
         if x.shape[0] <= MATVEC_ROWS:  # a few tokens (most experts in a prefill chunk or a batch): row by row
             xf = x.to(torch.float32)
-            return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale) for i in range(x.shape[0])]).to(x.dtype)
-        return F.linear(x, _expand(self.q, scale, torch.float32).to(x.dtype))
+            return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale, self.codes)
+                              for i in range(x.shape[0])]).to(x.dtype)
+        return F.linear(x, self.expanded(x.dtype))
+
+    def expanded(self, dtype: torch.dtype) -> torch.Tensor:
+        return _expand(self.q, self.scale.to(torch.float32), torch.float32, self.codes).to(dtype)
+
+
+def joined(pieces: list) -> GroupedWeight | None:
+    """Row pieces (gate, up) as one GroupedWeight, when all are compact in the same form; else None."""
+    forms = {(w.codes, w.q.dtype, w.q.shape[1], w.scale.shape[1]) if isinstance(w, GroupedWeight) else None
+             for w in pieces}
+    if None in forms or len(forms) != 1:
+        return None
+    return GroupedWeight(torch.cat([w.q for w in pieces]), torch.cat([w.scale.to(torch.float32) for w in pieces]),
+                         pieces[0].codes)
 
 
 def warm_up(layers) -> int:
-    """Compile the one-token kernel for every group-quantised matrix shape in these store layers now,
-    at load, rather than inside the first token's time; returns how many shapes."""
-    shapes = set()
-    for info in layers:
-        slots = {t.name: t for t in info.tensors}
-        for name, t in slots.items():
-            scale = slots.get(name[:-2] + ".scale") if name.endswith(".q") else None
-            if scale is not None and "#" not in name and len(scale.shape) == 2:
-                shapes.add((tuple(t.shape), t.dtype, tuple(scale.shape)))
+    """Compile the one-token kernel for every compact matrix form in these store layers now, at load,
+    rather than inside the first token's time; returns how many forms. Each distinct record layout is
+    expanded once from zeros exactly as the runtime expands records, so joined pieces are covered too."""
+    from .quant import expand
     from .store import DTYPES
 
+    layouts, shapes = set(), set()
     with torch.inference_mode():
-        for q_shape, q_dtype, s_shape in shapes:
-            cols = q_shape[1] * (2 if q_dtype == "uint8" else 1)
-            GroupedWeight(torch.zeros(q_shape, dtype=DTYPES[q_dtype]), torch.ones(s_shape)).linear(torch.zeros(1, cols))
+        for info in layers:
+            layout = tuple((t.name, t.dtype, tuple(t.shape)) for t in info.tensors)
+            if layout in layouts:
+                continue
+            layouts.add(layout)
+            parts = {name: torch.zeros(shape, dtype=DTYPES[dtype]) for name, dtype, shape in layout}
+            for w in expand(parts, torch.float32, cpu_kernels=True).values():
+                form = (tuple(w.q.shape), w.q.dtype, tuple(w.scale.shape), w.codes) if isinstance(
+                    w, GroupedWeight) else None
+                if form is not None and form not in shapes:
+                    shapes.add(form)
+                    w.linear(torch.zeros(1, w.q.shape[1] * (2 if w.q.dtype == torch.uint8 else 1)))
     return len(shapes)

@@ -84,6 +84,24 @@ def native_formats(config: PretrainedConfig) -> tuple[str, str]:
     return method, "bf16"
 
 
+def grouped_part(base: str, parts: dict[str, torch.Tensor]):
+    """The fp8/fp4 matrix `base` as a compact kernels.GroupedWeight (one float32 scale per row and group along
+    it: FP8's block scales repeated down their block's rows), or None where that form does not fit."""
+    from .kernels import GroupedWeight
+
+    if base + ".fp4" in parts:
+        return GroupedWeight(parts[base + ".fp4"], e8m0(parts[base + ".fp4_scale"]), "e2m1")
+    if base + ".fp8" in parts:
+        (name, scale), = ((n, t) for n, t in parts.items() if n.startswith(base + ".fp8_scale"))
+        bm, bn = (int(b) for b in name.removeprefix(base + ".fp8_scale").split("x"))
+        values = parts[base + ".fp8"]
+        if values.shape[1] % bn:
+            return None
+        scale = e8m0(scale) if scale.dtype in (torch.uint8, torch.float8_e8m0fnu) else scale.to(torch.float32)
+        return GroupedWeight(values, scale.repeat_interleave(bm, 0)[:values.shape[0]], "e4m3")
+    return None
+
+
 def is_scale_part(name: str) -> bool:
     return name.endswith((".scale", ".fp4_scale")) or ".fp8_scale" in name
 

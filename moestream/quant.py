@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import GroupedWeight
-from .native import dequantize_part, is_scale_part
+from .kernels import GroupedWeight, joined
+from .native import dequantize_part, grouped_part, is_scale_part
 
 SCHEMES = ("int8", "int4")
 
@@ -165,30 +165,40 @@ def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool
            transposed: bool = False) -> dict:
     """A record's tensors ready to compute with: `name.q` + `name.scale` dequantised into `name` (or, with
     `cpu_kernels`, kept compact: per-channel int8 as an Int8Weight, group-wise int4/int8 as a
-    kernels.GroupedWeight), GGUF blocks and native fp8/fp4 parts dequantised (the latter, stored [out, in],
-    transposed for a module that keeps its weights transposed), row pieces joined, everything else cast
-    to `dtype`."""
-    out = {}
+    kernels.GroupedWeight), GGUF blocks dequantised, native fp8/fp4 parts kept compact (`cpu_kernels`) or
+    dequantised, row pieces joined, everything else cast to `dtype`.
+
+    `transposed`: the module keeps its weights as [in, out] (GPT-OSS). Native parts are stored [out, in]
+    as upstream stores them, so dequantised they are transposed (a GroupedWeight computes x @ W.T itself);
+    int8/int4 records of such a module were quantised in its own layout and need no transposition."""
+    out, native = {}, set()
     for name, t in parts.items():
         if name.endswith(".q"):
             base = name[:-2]
             scale = parts[base + ".scale"]
-            if cpu_kernels and "#" not in base and t.dtype == torch.int8 and scale.dim() == 1:
+            kernels = cpu_kernels and not transposed and "#" not in base
+            if kernels and t.dtype == torch.int8 and scale.dim() == 1:
                 out[base] = Int8Weight(t, scale.to(dtype))
-            elif cpu_kernels and "#" not in base and scale.dim() == 2:
+            elif kernels and scale.dim() == 2:
                 out[base] = GroupedWeight(t, scale)
             else:
                 out[base] = dequantize(t, scale, dtype)
         elif name.endswith((".fp8", ".fp4")):
             base = name.rsplit(".", 1)[0]
-            w = dequantize_part(base, parts)
-            out[base] = (w.T if transposed else w).to(dtype)
+            w = grouped_part(base, parts) if cpu_kernels else None
+            out[base] = w if w is not None else dequantize_part(base, parts).to(dtype)
+            native.add(base.split("#")[0])
         elif GGUF_SUFFIX in name:
             base, type_name = name.split(GGUF_SUFFIX)
             out[base] = dequantize_gguf(t, type_name, dtype)
         elif not is_scale_part(name):
             out[name] = t if t.dtype == dtype else t.to(dtype)
     for base in sorted({n.split("#")[0] for n in out if "#" in n}):
-        pieces = sorted((n for n in out if n.startswith(base + "#")), key=lambda n: int(n.split("#")[1]))
-        out[base] = torch.cat([out.pop(n) for n in pieces])
+        pieces = [out.pop(n) for n in sorted((n for n in out if n.startswith(base + "#")),
+                                              key=lambda n: int(n.split("#")[1]))]
+        out[base] = joined(pieces) or torch.cat([w.expanded(dtype) if isinstance(w, GroupedWeight) else w
+                                                 for w in pieces])
+    for base in native:
+        if transposed and not isinstance(out[base], GroupedWeight):
+            out[base] = out[base].T
     return out

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import os
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +68,20 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
     w = record_tensors(record, src.info.tensors)
     if src.device.type != "cpu":  # copy the compact form; expand on the device
         w = {k: v.to(src.device, non_blocking=True) for k, v in w.items()}
-    w = expand(w, src.dtype, cpu_kernels=CPU_KERNELS and src.device.type == "cpu" and not self.is_transposed,
-               transposed=self.is_transposed)
+    w = expand(w, src.dtype, cpu_kernels=CPU_KERNELS and src.device.type == "cpu", transposed=self.is_transposed)
     pos, tok = torch.where(mask[e])
     x = hidden_states[tok]
+    scale = top_k_weights[tok, pos, None]
+    input_scaled = getattr(self, "input_scaled", False)  # Llama 4 (adapters.py)
+    if input_scaled:
+        x = x * scale
     up = "gate_up_proj" if self.has_gate else "up_proj"
     h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
-    return tok, y * top_k_weights[tok, pos, None]
+    return tok, y if input_scaled else y * scale
 
 
 def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group: list[int]) -> None:
@@ -299,6 +303,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     for mod in experts.values():
         for p in expert_params(mod):
             mod.register_parameter(p, None)
+        if getattr(mod, "moestream_adapted", False):  # not built on the experts interface (adapters.py)
+            mod.forward = types.MethodType(experts_forward, mod)
     if store.meta["quant"].get("dense", "none") == "int8_channel":
         use_int8_linears(model, dtype)
     _fill_dense(model, store, device)

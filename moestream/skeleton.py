@@ -46,11 +46,29 @@ def check_weights_supported(config: PretrainedConfig, path: str) -> None:
         )
 
 
+def model_class(config: PretrainedConfig):
+    """transformers' auto class that builds the generating model: the causal LM, or for a vision-language
+    model without one (Kimi K2.5) the image-text-to-text model, which generates from text alone too."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    if config.model_type not in causal:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as vl
+
+        if config.model_type in vl:
+            return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def meta_model(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The causal-LM model for `config` on the meta device (no weights allocated)."""
+    """The generating model for `config` (model_class) on the meta device (no weights allocated)."""
+    from .adapters import adapt
+
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = model_class(config).from_config(config, dtype=dtype)
+        adapt(model)
+        return model
     except ValueError as e:
         raise UnsupportedModel(
             f"model type {config.model_type!r} has no causal language model class in transformers: {e}"

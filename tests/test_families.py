@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 import moestream
 from moestream.convert import convert
+from moestream.skeleton import model_class
 from moestream.store import Store
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -39,6 +40,8 @@ FAMILIES = {
     "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16),
     "qwen3_next": dict(HYBRID, intermediate_size=96),
     "qwen3_5_moe_text": dict(HYBRID),
+    "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
+                        head_dim=16, interleave_moe_layer_step=1, attention_chunk_size=8, num_hidden_layers=3),
     "deepseek_v4": dict(num_key_value_heads=1, head_dim=32, q_lora_rank=32, o_lora_rank=32, o_groups=2,
                         index_n_heads=4, index_head_dim=16, index_topk=4, sliding_window=8,
                         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
@@ -47,6 +50,12 @@ FAMILIES = {
                         layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
                                      "sliding_attention", "compressed_sparse_attention"]),
 }
+# Kimi K2.5: a vision-language model around a DeepSeek-V3 text model; streamed text-only (the image-text-to-text
+# model, as transformers builds it, generates from text alone)
+KIMI_K25 = dict(text_config=dict(COMMON, **FAMILIES["deepseek_v3"], model_type="deepseek_v3"),
+                vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   pos_emb_height=4, pos_emb_width=4, pos_emb_time=1))
+FAMILIES["kimi_k25"] = {}
 # DeepSeek V4's checkpoints name tensors without the `model.` prefix (`embed.weight`, `layers.0.attn.wq_a.weight`,
 # `hc_head_fn`); transformers 5.25's save_pretrained keeps the prefix, so the test writes upstream's names.
 V4_NAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_base": "hc_head_base", "hc_head.hc_fn": "hc_head_fn",
@@ -54,24 +63,33 @@ V4_NAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_base": "hc_head_b
 
 
 def on_disk_name(family: str, key: str) -> str:
-    """The upstream checkpoint's name for a tensor transformers saved as `key`."""
+    """The upstream checkpoint's name for a tensor transformers saved as `key` (transformers 5.25 saves Kimi
+    K2.5's text layers as `language_model.model.blocks.N`; the checkpoints say `layers`)."""
+    if family == "kimi_k25":
+        return key.replace("language_model.model.blocks.", "language_model.model.layers.")
     if family != "deepseek_v4":
         return key
     key = key.removeprefix("model.")
     return V4_NAMES.get(key, key)
 
 
+def tiny_config(family: str, overrides: dict | None = None):
+    if family == "kimi_k25":
+        return AutoConfig.for_model(family, **KIMI_K25, **(overrides or {}))
+    return AutoConfig.for_model(family, **{**COMMON, **FAMILIES.get(family, {}), **(overrides or {})})
+
+
 def save_tiny(family: str, path, overrides: dict | None = None) -> None:
     """A tiny random `family` model in fp32, saved under the upstream checkpoint's tensor names."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES.get(family, {}), **(overrides or {})})
-    model = AutoModelForCausalLM.from_config(config).float()
+    config = tiny_config(family, overrides)
+    model = model_class(config).from_config(config).float()
     with torch.no_grad():  # hash routing (DeepSeek V4's first layers) reads a token -> experts table
         for name, buf in model.named_buffers():
             if name.endswith("tid2eid"):
                 buf.copy_(torch.stack([torch.randperm(config.n_routed_experts)[:buf.shape[1]] for _ in buf]))
     model.save_pretrained(path)
-    if family == "deepseek_v4":
+    if family in ("deepseek_v4", "kimi_k25"):
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(path / "model.safetensors")
@@ -84,7 +102,7 @@ NEW = 24
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_parity(family, tmp_path):
     save_tiny(family, tmp_path / "ckpt")
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", experts_implementation="eager",
+    ref = model_class(tiny_config(family)).from_pretrained(tmp_path / "ckpt", experts_implementation="eager",
                                                dtype=torch.float32).eval()
     store = convert(str(tmp_path / "ckpt"), tmp_path / "store", progress=False)
     budget = Store.open(store).expert_bytes // 4

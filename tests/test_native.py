@@ -23,7 +23,7 @@ import moestream
 from moestream.convert import convert
 from moestream.native import E2M1
 from moestream.store import ALIGN, Store
-from moestream.skeleton import UnsupportedModel
+from moestream.skeleton import UnsupportedModel, model_class
 
 from test_families import save_tiny
 
@@ -38,8 +38,10 @@ TABLE = [
      TWIN + "; every weight equal to transformers' dequantisation", "test_deepseek_v4_fp4_experts_and_fp8_dense"),
     ("gpt_oss", "MXFP4 experts (`*_blocks`, `*_scales`)", TWIN + "; equal to transformers' Mxfp4 dequantisation",
      "test_gpt_oss_mxfp4_streams_its_dequantised_weights"),
-    ("deepseek_v3", "compressed-tensors INT4 pack-quantized g32 experts (Kimi K2 Thinking / K2.5 layout)",
-     TWIN + "; record bytes = the packed words", "test_compressed_tensors_int4_experts_stream_byte_for_byte"),
+    ("deepseek_v3", "compressed-tensors INT4 pack-quantized g32 experts (Kimi K2 Thinking layout)",
+     TWIN + "; record bytes = the packed words", "test_compressed_tensors_int4_experts_stream_byte_for_byte[deepseek_v3]"),
+    ("kimi_k25", "compressed-tensors INT4 pack-quantized g32 experts (Kimi K2.5 layout, text-only)",
+     TWIN + "; record bytes = the packed words", "test_compressed_tensors_int4_experts_stream_byte_for_byte[kimi_k25]"),
 ]
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 61, 128, 9]
 NEW = 16
@@ -147,9 +149,15 @@ def check_streams_like(store: Path, reference, budget_share: int = 4) -> None:
         assert m.stats.decode.misses > 0 and m.stats.decode.evictions > 0
 
 
+def auto_class(path: Path):
+    """transformers' class for the checkpoint at `path` (the causal LM, or Kimi K2.5's vision-language model)."""
+    from transformers import AutoConfig
+
+    return model_class(AutoConfig.from_pretrained(path))
+
+
 def eager(path: Path, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager", dtype=torch.float32,
-                                                **kwargs).eval()
+    return auto_class(path).from_pretrained(path, experts_implementation="eager", dtype=torch.float32, **kwargs).eval()
 
 
 def record_bytes_fit(store: Path, native_expert_bytes: int) -> None:
@@ -307,7 +315,8 @@ def test_gpt_oss_mxfp4_streams_its_dequantised_weights(tmp_path):
 
 # ---- compressed-tensors INT4 (Kimi K2 Thinking / K2.5 experts) ----------------------------------------------
 
-def test_compressed_tensors_int4_experts_stream_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("family", ["deepseek_v3", "kimi_k25"])
+def test_compressed_tensors_int4_experts_stream_byte_for_byte(family, tmp_path):
     group = 32
 
     def quantise(key, t):
@@ -319,7 +328,7 @@ def test_compressed_tensors_int4_experts_stream_byte_for_byte(tmp_path):
                  base + ".weight_shape": torch.tensor(list(t.shape), dtype=torch.int32)},
                 key, dequantize_int4(packed, scale))
 
-    root, twin, native, cfg, nbytes = native_and_twin(tmp_path, "deepseek_v3", {}, quantise)
+    root, twin, native, cfg, nbytes = native_and_twin(tmp_path, family, {}, quantise)
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
@@ -337,7 +346,7 @@ def test_compressed_tensors_int4_experts_stream_byte_for_byte(tmp_path):
     with open(store / info.path, "rb") as f:
         record = f.read(info.record_bytes)
     slot = next(t for t in info.tensors if t.name == "gate_up_proj#0.q")
-    packed = native[f"model.layers.{info.layer}.mlp.experts.0.gate_proj.weight_packed"]
+    packed, = (t for k, t in native.items() if k.endswith(f"layers.{info.layer}.mlp.experts.0.gate_proj.weight_packed"))
     assert record[slot.offset: slot.offset + slot.nbytes] == packed.numpy().tobytes()
     check_streams_like(store, eager(twin))
     # compressed-tensors' own unpacking agrees with the twin, up to the bf16 it computes in (so transformers'
@@ -345,13 +354,36 @@ def test_compressed_tensors_int4_experts_stream_byte_for_byte(tmp_path):
     pytest.importorskip("compressed_tensors", reason="the test extra installs compressed-tensors")
     from transformers import CompressedTensorsConfig
 
-    theirs = AutoModelForCausalLM.from_pretrained(root / "native", dtype=torch.float32,
-                                                  quantization_config=CompressedTensorsConfig(run_compressed=False))
+    theirs = auto_class(root / "native").from_pretrained(
+        root / "native", dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
     ref = eager(twin)
     for name in ("gate_up_proj", "down_proj"):
-        a = getattr(theirs.model.layers[1].mlp.experts, name).float()
-        b = getattr(ref.model.layers[1].mlp.experts, name)
+        a = getattr(theirs.get_submodule(info.module), name).float()
+        b = getattr(ref.get_submodule(info.module), name)
         assert torch.allclose(a, b, rtol=2 ** -8, atol=0)
+
+
+# ---- compact kernels ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens", [1, 3, 20])
+def test_compact_kernels_compute_the_dequantised_matrix(tokens):
+    """fp8/fp4 kept compact (kernels.GroupedWeight, compiled) equal F.linear on the dequantised matrix, alone and
+    as joined gate/up pieces; FP8 with a partial row block."""
+    from moestream.kernels import joined
+    from moestream.native import dequantize_part, grouped_part
+
+    torch.manual_seed(0)
+    w8, w4 = torch.randn(80, 64), torch.randn(48, 64)
+    q8, s8 = quantize_fp8(w8, (32, 32))
+    q4, s4 = quantize_fp4(w4)
+    parts = {"a.fp8": q8, "a.fp8_scale32x32": s8, "b.fp4": q4, "b.fp4_scale": s4}
+    x = torch.randn(tokens, 64)
+    for base in ("a", "b"):
+        want = x @ dequantize_part(base, parts).T
+        torch.testing.assert_close(grouped_part(base, parts).linear(x), want, rtol=1e-5, atol=1e-4)
+    both = joined([grouped_part("b", parts), grouped_part("b", parts)])
+    torch.testing.assert_close(both.linear(x), torch.cat([x @ dequantize_part("b", parts).T] * 2, dim=1),
+                               rtol=1e-5, atol=1e-4)
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------
