@@ -56,6 +56,14 @@ KIMI_K25 = dict(text_config=dict(COMMON, **FAMILIES["deepseek_v3"], model_type="
                 vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                    pos_emb_height=4, pos_emb_width=4, pos_emb_time=1))
 FAMILIES["kimi_k25"] = {}
+# Llama 4 as released: a vision-language checkpoint (`language_model.model.layers...`); moestream builds its
+# causal LM (text only), the reference is transformers' vision-language model on the same file
+LLAMA4 = dict(text_config=dict(COMMON, **FAMILIES["llama4_text"]),
+              vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                                 projector_output_dim=64))
+FAMILIES["llama4"] = {}
+NESTED = {"kimi_k25": KIMI_K25, "llama4": LLAMA4}
 # DeepSeek V4's checkpoints name tensors without the `model.` prefix (`embed.weight`, `layers.0.attn.wq_a.weight`,
 # `hc_head_fn`); transformers 5.25's save_pretrained keeps the prefix, so the test writes upstream's names.
 V4_NAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_base": "hc_head_base", "hc_head.hc_fn": "hc_head_fn",
@@ -74,16 +82,23 @@ def on_disk_name(family: str, key: str) -> str:
 
 
 def tiny_config(family: str, overrides: dict | None = None):
-    if family == "kimi_k25":
-        return AutoConfig.for_model(family, **KIMI_K25, **(overrides or {}))
+    if family in NESTED:
+        return AutoConfig.for_model(family, **NESTED[family], **(overrides or {}))
     return AutoConfig.for_model(family, **{**COMMON, **FAMILIES.get(family, {}), **(overrides or {})})
+
+
+def reference_class(family: str, config):
+    """transformers' class for the released checkpoint: the vision-language model where it is one."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if family in NESTED else model_class(config)
 
 
 def save_tiny(family: str, path, overrides: dict | None = None) -> None:
     """A tiny random `family` model in fp32, saved under the upstream checkpoint's tensor names."""
     torch.manual_seed(0)
     config = tiny_config(family, overrides)
-    model = model_class(config).from_config(config).float()
+    model = reference_class(family, config).from_config(config).float()
     with torch.no_grad():  # hash routing (DeepSeek V4's first layers) reads a token -> experts table
         for name, buf in model.named_buffers():
             if name.endswith("tid2eid"):
@@ -102,7 +117,7 @@ NEW = 24
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_parity(family, tmp_path):
     save_tiny(family, tmp_path / "ckpt")
-    ref = model_class(tiny_config(family)).from_pretrained(tmp_path / "ckpt", experts_implementation="eager",
+    ref = reference_class(family, tiny_config(family)).from_pretrained(tmp_path / "ckpt", experts_implementation="eager",
                                                dtype=torch.float32).eval()
     store = convert(str(tmp_path / "ckpt"), tmp_path / "store", progress=False)
     budget = Store.open(store).expert_bytes // 4
