@@ -91,6 +91,8 @@ def paths():
         "int4 g32 GroupedWeight (moestream: compiled fused kernel at M=1, fp32 x)": (
             lambda e, x: _grouped(e, x), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
         "int4 g32 GroupedWeight, bf16 x": (lambda e, x: _grouped(e, x.bfloat16()), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
+        "GGUF Q4_K blocks: KQuantWeight (moestream: compiled, fp32 x)": (
+            lambda e, x: _kquant(e, x), ("gu_q4k", "dn_q4k")),
         "GGUF Q4_K blocks: gguf-py dequantise + fp32 F.linear": (
             lambda e, x: mlp(x, dequantize_gguf(e["gu_q4k"], "Q4_K", torch.float32),
                              dequantize_gguf(e["dn_q4k"], "Q4_K", torch.float32)), ("gu_q4k", "dn_q4k")),
@@ -115,6 +117,13 @@ def _grouped(e, x):
 
     g, u = GroupedWeight(e["gu_q4"], e["gu_s4h"]).linear(x).chunk(2, dim=-1)
     return GroupedWeight(e["dn_q4"], e["dn_s4h"]).linear(F.silu(g) * u)
+
+
+def _kquant(e, x):
+    from moestream.kernels import KQuantWeight
+
+    g, u = KQuantWeight(e["gu_q4k"], "Q4_K").linear(x).chunk(2, dim=-1)
+    return KQuantWeight(e["dn_q4k"], "Q4_K").linear(F.silu(g) * u)
 
 
 def _native(e, x, kind):

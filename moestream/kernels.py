@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kquants
+
 
 def _nibble(n: torch.Tensor, codes: str) -> torch.Tensor:
     """A 4-bit code's value in float32: int4 stored +8, or e2m1 (sign, 2 exponent bits, 1 mantissa bit).
@@ -120,8 +122,35 @@ class GroupedWeight:
         return _expand(self.q, self.scale.to(torch.float32), torch.float32, self.codes).to(dtype)
 
 
-def joined(pieces: list) -> GroupedWeight | None:
-    """Row pieces (gate, up) as one GroupedWeight, when all are compact in the same form; else None."""
+_kq_scales = _Compiled(kquants.scales)
+_kq_matvec = _Compiled(kquants.matvec)
+_kq_expand = _Compiled(kquants.dequantize)
+
+
+@dataclass(frozen=True)
+class KQuantWeight:
+    """A matrix kept in llama.cpp's K-quant blocks ([rows, bytes], kquants.BLOCK_BYTES types)."""
+
+    blocks: torch.Tensor
+    type_name: str
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= MATVEC_ROWS:
+            scale, minus = _kq_scales(self.blocks, self.type_name)
+            xf = x.to(torch.float32)
+            return torch.cat([_kq_matvec(xf[i:i + 1].contiguous(), self.blocks, scale, minus, self.type_name)
+                              for i in range(x.shape[0])]).to(x.dtype)
+        return F.linear(x, self.expanded(x.dtype))
+
+    def expanded(self, dtype: torch.dtype) -> torch.Tensor:
+        return _kq_expand(self.blocks, self.type_name).to(dtype)
+
+
+def joined(pieces: list) -> GroupedWeight | KQuantWeight | None:
+    """Row pieces (gate, up) as one compact weight, when all are compact in the same form; else None."""
+    if all(isinstance(w, KQuantWeight) for w in pieces) and len({(w.type_name, w.blocks.shape[1])
+                                                                 for w in pieces}) == 1:
+        return KQuantWeight(torch.cat([w.blocks for w in pieces]), pieces[0].type_name)
     forms = {(w.codes, w.q.dtype, w.q.shape[1], w.scale.shape[1]) if isinstance(w, GroupedWeight) else None
              for w in pieces}
     if None in forms or len(forms) != 1:
@@ -146,9 +175,15 @@ def warm_up(layers) -> int:
             layouts.add(layout)
             parts = {name: torch.zeros(shape, dtype=DTYPES[dtype]) for name, dtype, shape in layout}
             for w in expand(parts, torch.float32, cpu_kernels=True).values():
-                form = (tuple(w.q.shape), w.q.dtype, tuple(w.scale.shape), w.codes) if isinstance(
-                    w, GroupedWeight) else None
-                if form is not None and form not in shapes:
+                if isinstance(w, GroupedWeight):
+                    form = (tuple(w.q.shape), w.q.dtype, tuple(w.scale.shape), w.codes)
+                    cols = w.q.shape[1] * (2 if w.q.dtype == torch.uint8 else 1)
+                elif isinstance(w, KQuantWeight):
+                    form = (tuple(w.blocks.shape), w.type_name)
+                    cols = w.blocks.shape[1] // kquants.BLOCK_BYTES[w.type_name] * kquants.QK_K
+                else:
+                    continue
+                if form not in shapes:
                     shapes.add(form)
-                    w.linear(torch.zeros(1, w.q.shape[1] * (2 if w.q.dtype == torch.uint8 else 1)))
+                    w.linear(torch.zeros(1, cols))
     return len(shapes)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import GroupedWeight, joined
+from .kernels import GroupedWeight, KQuantWeight, joined
+from .kquants import BLOCK_BYTES as KQUANT_BYTES
 from .native import dequantize_part, grouped_part, is_scale_part
 
 SCHEMES = ("int8", "int4")
@@ -190,14 +191,17 @@ def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool
             native.add(base.split("#")[0])
         elif GGUF_SUFFIX in name:
             base, type_name = name.split(GGUF_SUFFIX)
-            out[base] = dequantize_gguf(t, type_name, dtype)
+            if cpu_kernels and not transposed and type_name in KQUANT_BYTES:
+                out[base] = KQuantWeight(t, type_name)
+            else:
+                out[base] = dequantize_gguf(t, type_name, dtype)
         elif not is_scale_part(name):
             out[name] = t if t.dtype == dtype else t.to(dtype)
     for base in sorted({n.split("#")[0] for n in out if "#" in n}):
         pieces = [out.pop(n) for n in sorted((n for n in out if n.startswith(base + "#")),
                                               key=lambda n: int(n.split("#")[1]))]
-        out[base] = joined(pieces) or torch.cat([w.expanded(dtype) if isinstance(w, GroupedWeight) else w
-                                                 for w in pieces])
+        out[base] = joined(pieces) or torch.cat([w.expanded(dtype) if isinstance(w, (GroupedWeight, KQuantWeight))
+                                                 else w for w in pieces])
     for base in native:
         if transposed and not isinstance(out[base], GroupedWeight):
             out[base] = out[base].T

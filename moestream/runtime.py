@@ -27,7 +27,7 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import GroupedWeight, warm_up
+from .kernels import GroupedWeight, KQuantWeight, warm_up
 from .quant import Int8Weight, expand, use_int8_linears
 from .reader import RecordReader
 from .safetensors_io import read_into
@@ -53,9 +53,9 @@ class LayerSource:
     lookahead: tuple[LayerInfo, torch.Tensor] | None = None  # the next MoE layer and its router's weight
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight, b: torch.Tensor | None,
+def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQuantWeight, b: torch.Tensor | None,
             transposed: bool) -> torch.Tensor:
-    if isinstance(w, (Int8Weight, GroupedWeight)):
+    if isinstance(w, (Int8Weight, GroupedWeight, KQuantWeight)):
         y = w.linear(x)
     else:
         y = x @ w if transposed else F.linear(x, w)

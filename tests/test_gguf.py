@@ -54,7 +54,7 @@ def random_blocks(a: np.ndarray, qtype: Q) -> np.ndarray:
     b = rng.integers(0, 256, size=(*a.shape[:-1], a.shape[-1] // block, size), dtype=np.uint8)
     scale = lambda lo, hi: rng.uniform(lo, hi, size=b.shape[:-1]).astype(np.float16).view(np.uint8).reshape(
         *b.shape[:-1], 2)  # noqa: E731
-    if qtype == Q.Q4_K:  # d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+    if qtype in (Q.Q4_K, Q.Q5_K):  # d, dmin, 12 bytes of 6-bit scales/mins, (Q5_K: 32 bytes of 5th bits,) nibbles
         b[..., 0:2], b[..., 2:4] = scale(0.0005, 0.002), scale(0.0, 0.01)
     elif qtype == Q.Q6_K:  # 128 low bits, 64 high bits, 16 int8 scales, then d
         b[..., 208:210] = scale(0.0002, 0.001)
@@ -64,7 +64,7 @@ def random_blocks(a: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 def quantize_any(a: np.ndarray, qtype: Q) -> np.ndarray:
-    return random_blocks(a, qtype) if qtype in (Q.Q4_K, Q.Q6_K) else gguf.quants.quantize(a, qtype)
+    return random_blocks(a, qtype) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else gguf.quants.quantize(a, qtype)
 
 
 def reference(model, path):
@@ -93,6 +93,8 @@ CASES = {
     "Q8_0": (qwen3, {"experts": "Q8_0", "dense": "Q8_0"}),
     "Q4_K_M-like": (lambda: qwen3(hidden=256, ff=256),
                     {"experts": "Q4_K", "types": {"down": "Q6_K"}, "quantize": quantize_any}),
+    "Q5_K_M-like": (lambda: qwen3(hidden=256, ff=256),
+                    {"experts": "Q5_K", "types": {"down": "Q6_K"}, "quantize": quantize_any}),
     "mixed-gate-up": (lambda: qwen3(hidden=256, ff=256),
                       {"experts": "Q4_K", "types": {"up": "Q8_0", "down": "F16"}, "quantize": quantize_any}),
     "qwen2moe-Q4_0": (qwen2, {"experts": "Q4_0"}),
@@ -224,3 +226,22 @@ def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
     assert (out / "keep.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".out.partial-*"))
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_kernels_equal_gguf_py(qtype):
+    """The torch K-quant dequantiser gives gguf-py's values bit for bit; the compiled one-token kernel (and the
+    joined gate/up pieces) compute F.linear on them, for 1, 3 and 20 tokens."""
+    from moestream import kquants
+    from moestream.kernels import KQuantWeight, joined
+
+    blocks = random_blocks(np.zeros((48, 512), dtype=np.float32), Q[qtype])
+    want = torch.from_numpy(dequantize(blocks, Q[qtype]))
+    t = torch.from_numpy(blocks)
+    assert torch.equal(kquants.dequantize(t, qtype), want)
+    w = KQuantWeight(t, qtype)
+    for tokens in (1, 3, 20):
+        x = torch.randn(tokens, 512)
+        torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
+    x = torch.randn(2, 512)
+    torch.testing.assert_close(joined([w, w]).linear(x), torch.cat([x @ want.T] * 2, dim=1), rtol=1e-5, atol=1e-4)
