@@ -1,4 +1,6 @@
-"""Write a transformers Qwen-MoE model as a GGUF file, with llama.cpp's tensor names and metadata.
+"""Write a transformers Qwen-MoE or DeepSeek-V2/V3 model as a GGUF file, with llama.cpp's tensor names and
+metadata (DeepSeek as llama.cpp's converter writes it today: MLA as MQA with `*_mla` lengths, `kv_b_proj`
+split into `attn_k_b` (transposed) and `attn_v_b`, the correction bias as `exp_probs_b.bias`).
 
 For the GGUF import's tests (files written here with the `gguf` package, not downloaded) and for
 benchmarks that run llama.cpp on the same weights as moestream. Experts in Q4_0, Q8_0, F16 or
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2"}
 
 
 def tensor_names(model) -> dict[str, str]:
@@ -22,14 +24,44 @@ def tensor_names(model) -> dict[str, str]:
     ffn_gate_exps (and holds ffn_up_exps in its second half of rows). Works on a meta model."""
     from transformers.modeling_gguf_pytorch_utils import Qwen2MoeTensorProcessor, get_gguf_hf_weights_map
 
-    out = {}
-    for gguf_name, hf in get_gguf_hf_weights_map(model, Qwen2MoeTensorProcessor()).items():
+    arch = ARCH_OF.get(model.config.model_type, model.config.model_type)
+    out = {}  # (Qwen2-MoE's processor: the one that places gate_up_proj; its names are shared with DeepSeek)
+    for gguf_name, hf in get_gguf_hf_weights_map(model, Qwen2MoeTensorProcessor(), model_type=arch).items():
         if "_exps" in gguf_name:
             gguf_name += ".weight"
             if "ffn_up_exps" in gguf_name:
                 continue
         out[hf] = gguf_name
+    for hf in model.state_dict():  # llama.cpp names DeepSeek's correction bias e_score_correction.bias
+        if hf.endswith("mlp.gate.e_score_correction_bias") and hf not in out:
+            out[hf] = f"blk.{hf.split('.')[2]}.exp_probs_b.bias"
     return out
+
+
+def _mla_metadata(w, c) -> None:
+    """DeepSeek-V2/V3 keys, as llama.cpp's DeepseekV2Model.set_gguf_parameters writes them."""
+    import gguf
+
+    w.add_head_count_kv(1)  # MLA as MQA
+    w.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)
+    w.add_value_length(c.kv_lora_rank)
+    w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
+    w.add_value_length_mla(c.v_head_dim)
+    w.add_kv_lora_rank(c.kv_lora_rank)
+    if c.q_lora_rank is not None:
+        w.add_q_lora_rank(c.q_lora_rank)
+    w.add_vocab_size(c.vocab_size)
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_shared_count(c.n_shared_experts or 0)
+    w.add_expert_weights_scale(float(c.routed_scaling_factor))
+    if c.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    sigmoid = c.model_type == "deepseek_v3"
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_expert_group_count(c.n_group or 1)
+    w.add_expert_group_used_count(c.topk_group or 1)
+    w.add_rope_dimension_count(c.qk_rope_head_dim)
 
 
 def _tokenizer_metadata(w, tokenizer, vocab_size: int) -> None:
@@ -68,19 +100,22 @@ def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
     w.add_rope_freq_base(float(rope))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    if getattr(c, "shared_expert_intermediate_size", None):
-        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
-    w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
+    if arch == "deepseek2":
+        _mla_metadata(w, c)
+    else:
+        w.add_head_count_kv(c.num_key_value_heads)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_expert_count(c.num_experts)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+        w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if file_type == "Q4_0" else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
@@ -91,7 +126,7 @@ def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0
 def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", dense: str = "F32",
                 quantize: Callable[[np.ndarray, object], np.ndarray] | None = None,
                 types: dict[str, str] | None = None) -> Path:
-    """Write `model` (Qwen3-MoE or Qwen2-MoE, real weights) to `path`.
+    """Write `model` (Qwen3-MoE, Qwen2-MoE, DeepSeek-V2/V3; real weights) to `path`.
 
     `experts` / `dense`: the GGUF type of expert matrices and of dense matrices (norms, biases and
     routers stay F32, as llama.cpp keeps them); `types` overrides per expert part ("gate", "up",
@@ -125,6 +160,11 @@ def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", 
             put(name.replace("ffn_gate_exps", "ffn_up_exps"), t[:, ff:], kinds["up"])
         elif name.endswith("ffn_down_exps.weight"):
             put(name, t, kinds["down"])
+        elif name.endswith("attn_kv_b.weight"):  # llama.cpp's split for MLA: k_b transposed, v_b as is
+            c = model.config
+            kv = t.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, -1)
+            put(name.replace("attn_kv_b", "attn_k_b"), kv[:, :c.qk_nope_head_dim].transpose(1, 2).contiguous(), dense)
+            put(name.replace("attn_kv_b", "attn_v_b"), kv[:, c.qk_nope_head_dim:].contiguous(), dense)
         elif "ffn_gate_inp" in name or t.dim() == 1:
             put(name, t.reshape(-1) if "shexp" in name else t, "F32")
         else:

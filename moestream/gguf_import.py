@@ -31,9 +31,11 @@ from .safetensors_io import write_safetensors
 from .skeleton import UnsupportedModel, expert_params, experts_modules, layer_index, meta_model
 from .store import DENSE_FILE
 
-# GGUF architecture -> transformers model type; both sides must know the layout (transformers reads
-# the config of these, and their experts are plain gate/up/down matrices).
-ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+# GGUF architecture -> transformers model type (their experts are plain gate/up/down matrices). transformers
+# reads the config of the Qwen ones; DeepSeek's is built here from the metadata (deepseek_config), as
+# deepseek_v3 (sigmoid gating: V3, R1, Kimi K2) or deepseek_v2 (softmax: V2, V2-Lite).
+ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v3 / deepseek_v2"}
+MLA_SPLIT = re.compile(r"blk\.(\d+)\.attn_(k|v)_b\.weight$")
 EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed tables, rebuilt by transformers
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -110,16 +112,89 @@ EXTRA_KEYS = {"moe_intermediate_size": "expert_feed_forward_length",
               "head_dim": "attention.key_length", "norm_topk_prob": "expert_weights_norm"}
 
 
+def deepseek_config(reader, path: Path):
+    """A DeepSeek-V2/V3 config from llama.cpp's deepseek2 metadata (transformers' GGUF reader has none).
+
+    llama.cpp stores MLA as MQA: `attention.key_length`/`value_length` are the latent sizes and the real
+    head sizes are `*_mla` (older files: key_length = qk_nope + qk_rope, value_length = v_head_dim)."""
+    from transformers import AutoConfig
+
+    def get(key, default=None):
+        v = read_field(reader, f"deepseek2.{key}")
+        return default if v is None else v
+
+    rope = int(get("rope.dimension_count"))
+    key_len, value_len = get("attention.key_length_mla"), get("attention.value_length_mla")
+    if key_len is None:
+        key_len, value_len = get("attention.key_length"), get("attention.value_length")
+    sigmoid = int(get("expert_gating_func", 1)) == 2
+    tokens = read_field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    kwargs = dict(
+        vocab_size=int(get("vocab_size", len(tokens) if tokens else 0)), hidden_size=int(get("embedding_length")),
+        intermediate_size=int(get("feed_forward_length")), moe_intermediate_size=int(get("expert_feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=int(get("attention.head_count")),
+        num_key_value_heads=int(get("attention.head_count")), n_shared_experts=int(get("expert_shared_count", 0)),
+        n_routed_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+        routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
+        norm_topk_prob=bool(get("expert_weights_norm", False)), first_k_dense_replace=int(get("leading_dense_block_count", 0)),
+        q_lora_rank=get("attention.q_lora_rank"), kv_lora_rank=int(get("attention.kv_lora_rank")),
+        qk_rope_head_dim=rope, qk_nope_head_dim=int(key_len) - rope, v_head_dim=int(value_len),
+        n_group=int(get("expert_group_count", 1)), topk_group=int(get("expert_group_used_count", 1)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=read_field(reader, "tokenizer.ggml.eos_token_id"))
+    rope_params = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
+    if get("rope.scaling.type") == "yarn":
+        rope_params.update(rope_type="yarn", factor=float(get("rope.scaling.factor")),
+                           original_max_position_embeddings=int(get("rope.scaling.original_context_length")),
+                           beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                           beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)), mscale=1.0,
+                           mscale_all_dim=float(get("rope.scaling.yarn_log_multiplier", 0.1)) / 0.1)
+    if kwargs["q_lora_rank"] is not None:
+        kwargs["q_lora_rank"] = int(kwargs["q_lora_rank"])
+    if sigmoid:
+        return AutoConfig.for_model("deepseek_v3", rope_parameters=rope_params, **kwargs)
+    greedy = kwargs["n_group"] <= 1
+    return AutoConfig.for_model("deepseek_v2", rope_parameters=rope_params,
+                                topk_method="greedy" if greedy else "group_limited_greedy", **kwargs)
+
+
 def gguf_config(path: Path, reader, arch: str):
     """transformers' config from the GGUF metadata (`reader`, of `arch`), completed with the MoE sizes it leaves out."""
     from transformers import AutoConfig
 
+    if arch == "deepseek2":
+        return deepseek_config(reader, path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     for attr, key in EXTRA_KEYS.items():
         value = read_field(reader, f"{arch}.{key}")
         if value is not None and hasattr(config, attr):
             setattr(config, attr, bool(value) if attr == "norm_topk_prob" else int(value))
     return config
+
+
+def kv_b_from_halves(k_b, v_b, config) -> np.ndarray:
+    """kv_b_proj [heads * (qk_nope + v), kv_lora] from llama.cpp's k_b [heads, kv_lora, qk_nope] (transposed)
+    and v_b [heads, v, kv_lora] (numpy shapes), dequantised."""
+    from gguf.quants import dequantize
+
+    heads = config.num_attention_heads
+    k = dequantize(k_b.data, k_b.tensor_type).reshape(heads, config.kv_lora_rank, config.qk_nope_head_dim)
+    v = dequantize(v_b.data, v_b.tensor_type).reshape(heads, config.v_head_dim, config.kv_lora_rank)
+    return np.concatenate([k.transpose(0, 2, 1), v], axis=1).reshape(-1, config.kv_lora_rank)
+
+
+def gguf_tokenizer(path: Path, arch: str):
+    """The tokenizer from the GGUF metadata, through transformers' GGUF tokenizer reader. AutoTokenizer also
+    reads the config, which transformers cannot for deepseek2: there the fast tokenizer class is asked
+    directly (the tokenizer fields do not depend on the architecture)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cls = AutoTokenizer if arch in ("qwen3moe", "qwen2moe") else PreTrainedTokenizerFast
+    return cls.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def describe_gguf(path: Path) -> dict:
@@ -163,8 +238,9 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
     dense nn.Linear weights int8 per output channel instead of in `dtype` (lossy, opt-in)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quant_shape_from_byte_shape
-    from transformers import AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import Qwen2MoeTensorProcessor, get_gguf_hf_weights_map
+    from transformers import GenerationConfig
+
+    from .gguf_export import tensor_names
 
     path = Path(path).expanduser().absolute()
     if out.exists() and not force:
@@ -174,12 +250,16 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
     config = gguf_config(path, reader, arch)
     model = meta_model(config, dtype)
     meta_sd = model.state_dict()
-    mapping = get_gguf_hf_weights_map(model, Qwen2MoeTensorProcessor())
+    mapping = {g: hf for hf, g in tensor_names(model).items()}
     experts = {layer_index(n): (n, m) for n, m in experts_modules(model).items()}
 
-    entries, expert_parts, types = [], {}, {"dense": set(), "experts": set()}
+    entries, expert_parts, types, mla = [], {}, {"dense": set(), "experts": set()}, {}
     for t in reader.tensors:
         type_name = t.tensor_type.name
+        if m := MLA_SPLIT.match(t.name):  # llama.cpp's k_b / v_b halves of kv_b_proj: joined below
+            mla.setdefault(int(m.group(1)), {})[m.group(2)] = t
+            types["dense"].add(type_name)
+            continue
         if m := EXPERT_TENSOR.match(t.name):
             layer, part = int(m.group(1)), m.group(2)
             if layer not in experts:
@@ -194,11 +274,17 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
             raise UnsupportedModel(f"{path}: tensor {t.name} has no place in {type(model).__name__}")
         if hf not in meta_sd:
             raise UnsupportedModel(f"{path}: {t.name} maps to {hf}, which {type(model).__name__} lacks")
-        entries.append((hf, t))
+        entries.append((hf, lambda t=t: dequantize(t.data, t.tensor_type), int(t.n_bytes)))
         types["dense"].add(type_name)
+    for layer, halves in sorted(mla.items()):
+        if set(halves) != {"k", "v"}:
+            raise UnsupportedModel(f"{path}: layer {layer} has attn_{'/'.join(halves)}_b without its other half")
+        entries.append((f"model.layers.{layer}.self_attn.kv_b_proj.weight",
+                        lambda h=halves: kv_b_from_halves(h["k"], h["v"], config),
+                        int(halves["k"].n_bytes) + int(halves["v"].n_bytes)))
     tied = getattr(model, "all_tied_weights_keys", {}) or {}
     expert_names = {f"{n}.{p}" for n, m in experts.values() for p in expert_params(m)}
-    missing = [k for k in meta_sd if k not in {h for h, _ in entries} and k not in tied and k not in expert_names]
+    missing = [k for k in meta_sd if k not in {h for h, *_ in entries} and k not in tied and k not in expert_names]
     if missing:
         raise UnsupportedModel(f"{path}: the file lacks {len(missing)} tensor(s) that {type(model).__name__} needs, "
                                f"e.g. {', '.join(missing[:5])}")
@@ -221,12 +307,12 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
     with store_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True,
                                                   desc=f"convert {out.name}", disable=not progress) as bar:
         int8 = {f"{n}.weight" for n in int8_linears(model)} if dense == "int8" else set()
-        specs = int8_dense_specs([(hf, dtype, tuple(meta_sd[hf].shape)) for hf, _ in entries], int8)
+        specs = int8_dense_specs([(hf, dtype, tuple(meta_sd[hf].shape)) for hf, *_ in entries], int8)
 
         def dense_tensors():
-            for hf, t in entries:
-                w = _tensor(dequantize(t.data, t.tensor_type)).reshape(meta_sd[hf].shape)
-                bar.update(int(t.n_bytes))
+            for hf, fetch, nbytes in entries:
+                w = _tensor(fetch()).reshape(meta_sd[hf].shape)
+                bar.update(nbytes)
                 yield hf, w.to(dtype)
 
         dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, int8_dense_tensors(dense_tensors(), int8),
@@ -241,7 +327,7 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         try:
-            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+            gguf_tokenizer(path, arch).save_pretrained(tmp)
         except Exception as e:  # a store without a tokenizer still runs on token ids
             print(f"note: {path.name}: no tokenizer from the GGUF metadata ({type(e).__name__}: {e})", file=sys.stderr)
         experts_format = "gguf " + ",".join(sorted(types["experts"]))

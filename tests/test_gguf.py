@@ -46,6 +46,29 @@ def qwen2():
     return Qwen2MoeForCausalLM(config).float().eval()
 
 
+def deepseek(version: int = 3):
+    """DeepSeek-V3 (sigmoid routing with correction bias, groups, q LoRA) or V2 (softmax, greedy, no q LoRA)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    mla = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+               n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, initializer_range=0.2, tie_word_embeddings=False, eos_token_id=0)
+    if version == 3:
+        config = AutoConfig.for_model("deepseek_v3", **mla, q_lora_rank=24, n_group=2, topk_group=1,
+                                      routed_scaling_factor=2.5, norm_topk_prob=True)
+    else:
+        config = AutoConfig.for_model("deepseek_v2", **mla, q_lora_rank=None, topk_method="greedy", n_group=1,
+                                      topk_group=1)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # a correction bias that changes the routing
+        for name, p in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
 def random_blocks(a: np.ndarray, qtype: Q) -> np.ndarray:
     """Valid blocks of a K-quant gguf-py cannot quantise into: random bits, sane fp16 super-block scales.
     The file's dequantised values, not the model's, are then the reference."""
@@ -74,6 +97,8 @@ def reference(model, path):
     for hf, name in tensor_names(model).items():
         if name.endswith("ffn_gate_exps.weight"):
             v = np.concatenate([values[name], values[name.replace("gate_exps", "up_exps")]], axis=1)
+        elif name not in values:  # DeepSeek's kv_b_proj, written as its k_b/v_b halves: F32, the model's own
+            continue
         else:
             v = values[name]
         sd[hf] = torch.from_numpy(np.array(v)).reshape(sd[hf].shape)
@@ -98,6 +123,8 @@ CASES = {
     "mixed-gate-up": (lambda: qwen3(hidden=256, ff=256),
                       {"experts": "Q4_K", "types": {"up": "Q8_0", "down": "F16"}, "quantize": quantize_any}),
     "qwen2moe-Q4_0": (qwen2, {"experts": "Q4_0"}),
+    "deepseek2-v3-Q4_0": (deepseek, {"experts": "Q4_0"}),
+    "deepseek2-v2-Q8_0": (lambda: deepseek(2), {"experts": "Q8_0"}),
 }
 
 
