@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2"}
+ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2",
+           "glm4_moe": "glm4moe"}
 
 
 def tensor_names(model) -> dict[str, str]:
@@ -95,7 +96,8 @@ def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0
         raise ValueError(f"GGUF export supports {', '.join(ARCH_OF)}, not {c.model_type}")
     w = gguf.GGUFWriter(Path(path), arch)
     w.add_name(getattr(c, "_name_or_path", "") or arch)
-    w.add_block_count(c.num_hidden_layers)
+    if arch != "glm4moe":
+        w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
@@ -107,6 +109,21 @@ def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
     if arch == "deepseek2":
         _mla_metadata(w, c)
+    elif arch == "glm4moe":  # as llama.cpp's Glm4MoeModel.set_gguf_parameters; one NextN block counted in
+        import gguf
+
+        w.add_block_count(c.num_hidden_layers + 1)
+        w.add_nextn_predict_layers(1)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_rope_dimension_count(int(c.head_dim * c.rope_parameters.get("partial_rotary_factor", 1.0)))
+        w.add_expert_count(c.n_routed_experts)
+        w.add_expert_shared_count(c.n_shared_experts)
+        w.add_leading_dense_block_count(c.first_k_dense_replace)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(float(c.routed_scaling_factor))
+        w.add_expert_weights_norm(bool(c.norm_topk_prob))
     else:
         w.add_head_count_kv(c.num_key_value_heads)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -169,6 +186,12 @@ def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", 
             put(name, t.reshape(-1) if "shexp" in name else t, "F32")
         else:
             put(name, t, dense)
+    if model.config.model_type == "glm4_moe":  # llama.cpp keeps the NextN (MTP) block: a reader must skip it
+        nextn, hidden = model.config.num_hidden_layers, model.config.hidden_size
+        w.add_tensor(f"blk.{nextn}.nextn.eh_proj.weight", np.zeros((hidden, 2 * hidden), dtype=np.float32))
+        w.add_tensor(f"blk.{nextn}.nextn.enorm.weight", np.ones(hidden, dtype=np.float32))
+        w.add_tensor(f"blk.{nextn}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        w.add_tensor(f"blk.{nextn}.ffn_down_exps.weight", np.zeros((2, hidden, 32), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -34,7 +34,9 @@ from .store import DENSE_FILE
 # GGUF architecture -> transformers model type (their experts are plain gate/up/down matrices). transformers
 # reads the config of the Qwen ones; DeepSeek's is built here from the metadata (deepseek_config), as
 # deepseek_v3 (sigmoid gating: V3, R1, Kimi K2) or deepseek_v2 (softmax: V2, V2-Lite).
-ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v3 / deepseek_v2"}
+ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v3 / deepseek_v2",
+         "glm4moe": "glm4_moe"}
+BLOCK = re.compile(r"blk\.(\d+)\.")
 MLA_SPLIT = re.compile(r"blk\.(\d+)\.attn_(k|v)_b\.weight$")
 EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed tables, rebuilt by transformers
@@ -162,12 +164,45 @@ def deepseek_config(reader, path: Path):
                                 topk_method="greedy" if greedy else "group_limited_greedy", **kwargs)
 
 
+def glm4moe_config(reader):
+    """A GLM-4.5/4.6 MoE config from llama.cpp's glm4moe metadata. Its block_count includes the NextN (MTP)
+    blocks, which transformers' model does not have: they are left out (and their tensors skipped)."""
+    from transformers import AutoConfig
+
+    def get(key, default=None):
+        v = read_field(reader, f"glm4moe.{key}")
+        return default if v is None else v
+
+    names = {t.name for t in reader.tensors}
+    head_dim = int(get("attention.key_length"))
+    tokens = read_field(reader, "tokenizer.ggml.tokens")
+    return AutoConfig.for_model(
+        "glm4_moe", vocab_size=len(tokens), hidden_size=int(get("embedding_length")),
+        intermediate_size=int(get("feed_forward_length")), moe_intermediate_size=int(get("expert_feed_forward_length")),
+        num_hidden_layers=int(get("block_count")) - int(get("nextn_predict_layers", 0)),
+        num_attention_heads=int(get("attention.head_count")), num_key_value_heads=int(get("attention.head_count_kv")),
+        head_dim=head_dim, n_routed_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+        n_shared_experts=int(get("expert_shared_count", 0)), first_k_dense_replace=int(get("leading_dense_block_count", 0)),
+        routed_scaling_factor=float(get("expert_weights_scale", 1.0)), norm_topk_prob=bool(get("expert_weights_norm", False)),
+        n_group=int(get("expert_group_count", 1)), topk_group=int(get("expert_group_used_count", 1)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(get("context_length", 4096)), num_nextn_predict_layers=0,
+        attention_bias="blk.0.attn_q.bias" in names, use_qk_norm="blk.0.attn_q_norm.weight" in names,
+        rope_parameters={"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0)),
+                         "partial_rotary_factor": int(get("rope.dimension_count", head_dim)) / head_dim},
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=read_field(reader, "tokenizer.ggml.eos_token_id"))
+
+
 def gguf_config(path: Path, reader, arch: str):
     """transformers' config from the GGUF metadata (`reader`, of `arch`), completed with the MoE sizes it leaves out."""
     from transformers import AutoConfig
 
     if arch == "deepseek2":
         return deepseek_config(reader, path)
+    if arch == "glm4moe":
+        return glm4moe_config(reader)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     for attr, key in EXTRA_KEYS.items():
         value = read_field(reader, f"{arch}.{key}")
@@ -256,6 +291,8 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
     entries, expert_parts, types, mla = [], {}, {"dense": set(), "experts": set()}, {}
     for t in reader.tensors:
         type_name = t.tensor_type.name
+        if (b := BLOCK.match(t.name)) and int(b.group(1)) >= config.num_hidden_layers:
+            continue  # NextN / MTP blocks (GLM): not part of transformers' model
         if m := MLA_SPLIT.match(t.name):  # llama.cpp's k_b / v_b halves of kv_b_proj: joined below
             mla.setdefault(int(m.group(1)), {})[m.group(2)] = t
             types["dense"].add(type_name)

@@ -69,6 +69,28 @@ def deepseek(version: int = 3):
     return model
 
 
+def glm4moe():
+    """GLM-4.5 MoE: partial rotary, attention biases, q/k norms, shared expert, dense first layer, sigmoid router."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    config = AutoConfig.for_model("glm4_moe", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                  moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                                  n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                                  attention_bias=True, use_qk_norm=True, initializer_range=0.2,
+                                  tie_word_embeddings=False, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+        for name, p in model.named_parameters():  # biases and norms that are not zeros and ones
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(p + torch.randn_like(p) * 0.1)
+    return model
+
+
 def random_blocks(a: np.ndarray, qtype: Q) -> np.ndarray:
     """Valid blocks of a K-quant gguf-py cannot quantise into: random bits, sane fp16 super-block scales.
     The file's dequantised values, not the model's, are then the reference."""
@@ -125,6 +147,7 @@ CASES = {
     "qwen2moe-Q4_0": (qwen2, {"experts": "Q4_0"}),
     "deepseek2-v3-Q4_0": (deepseek, {"experts": "Q4_0"}),
     "deepseek2-v2-Q8_0": (lambda: deepseek(2), {"experts": "Q8_0"}),
+    "glm4moe-Q4_0": (glm4moe, {"experts": "Q4_0"}),
 }
 
 

@@ -40,7 +40,8 @@ def rows() -> list[tuple[str, str, str, str]]:
     out += [(f, w, p, f"tests/test_native.py::{t}") for f, w, p, t in TABLE]
     for case, (_, kw) in CASES.items():
         family = ("qwen2_moe" if case.startswith("qwen2moe") else "deepseek_v3" if case.startswith("deepseek2-v3")
-                  else "deepseek_v2" if case.startswith("deepseek2-v2") else "qwen3_moe")
+                  else "deepseek_v2" if case.startswith("deepseek2-v2") else "glm4_moe" if case.startswith("glm4moe")
+                  else "qwen3_moe")
         t = {p: kw.get("types", {}).get(p, kw["experts"]) for p in ("gate", "up", "down")}
         experts = t["gate"] if len(set(t.values())) == 1 else f"gate {t['gate']}, up {t['up']}, down {t['down']}"
         out.append((family, f"GGUF: experts {experts}, dense {kw.get('dense', 'F32')}", DEQUANT,
