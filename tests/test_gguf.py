@@ -270,7 +270,7 @@ def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModel, match="'llama' is not supported yet; supported: qwen2moe, qwen3moe"):
+    with pytest.raises(UnsupportedModel, match="'llama' is not supported yet; supported: deepseek2, glm4moe, qwen2moe, qwen3moe"):
         convert(str(tmp_path / "llama.gguf"), out, force=True, progress=False)
     assert main(["inspect", str(tmp_path / "llama.gguf"), "--json"]) == 0
     assert (out / "keep.txt").read_text() == "mine"
