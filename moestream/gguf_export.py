@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 ARCH_OF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2",
-           "glm4_moe": "glm4moe"}
+           "glm4_moe": "glm4moe", "gpt_oss": "gpt-oss"}
 
 
 def tensor_names(model) -> dict[str, str]:
@@ -106,8 +106,21 @@ def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0
     w.add_rope_freq_base(float(rope))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_expert_used_count(c.num_experts_per_tok)
-    w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    if arch == "deepseek2":
+    w.add_expert_feed_forward_length(getattr(c, "moe_intermediate_size", None) or c.intermediate_size)
+    if arch == "gpt-oss":  # as llama.cpp's GptOssModel.set_gguf_parameters
+        import gguf
+
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_expert_count(c.num_local_experts)
+        w.add_sliding_window(c.sliding_window)
+        rope = c.rope_parameters
+        if rope.get("rope_type") == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif arch == "deepseek2":
         _mla_metadata(w, c)
     elif arch == "glm4moe":  # as llama.cpp's Glm4MoeModel.set_gguf_parameters; one NextN block counted in
         import gguf
@@ -140,6 +153,22 @@ def gguf_writer(path: str | Path, config, tokenizer=None, file_type: str = "Q4_0
     return w
 
 
+def _gpt_oss_expert(put, hf: str, t: torch.Tensor, kinds: dict) -> None:
+    """GPT-OSS's [in, out] expert parameters with interleaved gate/up columns, as llama.cpp's converter writes
+    them: separate gate and up [E, out, in], down [E, out, in], and de-interleaved biases."""
+    blk, param = f"blk.{hf.split('.')[2]}", hf.rsplit(".", 1)[1]
+    if param == "gate_up_proj":
+        put(f"{blk}.ffn_gate_exps.weight", t[..., 0::2].transpose(1, 2), kinds["gate"])
+        put(f"{blk}.ffn_up_exps.weight", t[..., 1::2].transpose(1, 2), kinds["up"])
+    elif param == "down_proj":
+        put(f"{blk}.ffn_down_exps.weight", t.transpose(1, 2), kinds["down"])
+    elif param == "gate_up_proj_bias":
+        put(f"{blk}.ffn_gate_exps.bias", t[:, 0::2], "F32")
+        put(f"{blk}.ffn_up_exps.bias", t[:, 1::2], "F32")
+    else:
+        put(f"{blk}.ffn_down_exps.bias", t, "F32")
+
+
 def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", dense: str = "F32",
                 quantize: Callable[[np.ndarray, object], np.ndarray] | None = None,
                 types: dict[str, str] | None = None) -> Path:
@@ -156,7 +185,7 @@ def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", 
     w = gguf_writer(path, model.config, tokenizer, experts)
 
     def put(name: str, t: torch.Tensor, type_name: str) -> None:
-        a = t.detach().float().numpy()
+        a = np.ascontiguousarray(t.detach().float().numpy())
         if type_name == "F32" or a.ndim == 1:
             w.add_tensor(name, a)
         elif type_name == "F16":
@@ -167,10 +196,14 @@ def export_gguf(model, path: str | Path, tokenizer=None, experts: str = "Q4_0", 
 
     names = tensor_names(model)
     kinds = {"gate": experts, "up": experts, "down": experts, **(types or {})}
+    gpt_oss = model.config.model_type == "gpt_oss"
     for hf, t in model.state_dict().items():
+        if gpt_oss and ".mlp.experts." in hf:
+            _gpt_oss_expert(put, hf, t, kinds)
+            continue
         if hf not in names:
             continue  # tied lm_head
-        name = names[hf]
+        name = names[hf] + (".weight" if names[hf].endswith("attn_sinks") else "")
         if name.endswith("ffn_gate_exps.weight"):
             ff = t.shape[1] // 2
             put(name, t[:, :ff], kinds["gate"])

@@ -6,11 +6,12 @@ transformers uses (gguf-py's tensor name map). Dense tensors are dequantised int
 Experts keep their bytes:
 
 - Q4_0 and Q8_0 become the store's int4 / int8 group-32 formats with fp16 scales, bit for bit
-  (Q4_0 only changes its nibble order): same values, same size, torch-side expansion;
+  (Q4_0 only changes its nibble order): same values, same size, torch-side expansion; MXFP4 (GPT-OSS)
+  becomes native.py's fp4 parts the same way;
 - F32 / F16 / BF16 stay as they are;
-- every other type (K-quants, IQ, Q4_1, Q5_x, MXFP4...) stays in llama.cpp's blocks and is
-  dequantised at use by the `gguf` package (numpy, vectorised, the reference arithmetic): exact,
-  compact on disk, slower to expand (see README).
+- every other type (K-quants, IQ, Q4_1, Q5_x...) stays in llama.cpp's blocks: K-quants computed by
+  kquants.py's compiled kernels, the rest dequantised at use by the `gguf` package (numpy, the
+  reference arithmetic): exact, compact on disk, slower to expand (see README).
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from .store import DENSE_FILE
 # reads the config of the Qwen ones; DeepSeek's is built here from the metadata (deepseek_config), as
 # deepseek_v3 (sigmoid gating: V3, R1, Kimi K2) or deepseek_v2 (softmax: V2, V2-Lite).
 ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v3 / deepseek_v2",
-         "glm4moe": "glm4_moe"}
+         "glm4moe": "glm4_moe", "gpt-oss": "gpt_oss"}
 BLOCK = re.compile(r"blk\.(\d+)\.")
 MLA_SPLIT = re.compile(r"blk\.(\d+)\.attn_(k|v)_b\.weight$")
-EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)$")
 IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed tables, rebuilt by transformers
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-TRANSCODED = {"Q4_0": "int4_g32", "Q8_0": "int8_g32"}
+TRANSCODED = {"Q4_0": "int4_g32", "Q8_0": "int8_g32", "MXFP4": "fp4_e2m1_g32"}
 
 
 def read_field(reader, key: str):
@@ -88,13 +89,44 @@ def stored_matrix(type_name: str, data: np.ndarray) -> dict[str, torch.Tensor]:
         b = _tensor(data).view(rows, -1, 34)
         return {".q": b[..., 2:].contiguous().view(torch.int8).reshape(rows, -1),
                 ".scale": b[..., :2].contiguous().view(torch.float16).view(rows, -1)}
+    if type_name == "MXFP4":  # block: E8M0 byte, 16 bytes; element j low nibble of byte j, j+16 the high one
+        b = _tensor(data).view(rows, -1, 17)
+        qs = b[..., 1:]
+        vals = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+        return {".fp4": (vals[..., 0::2] | (vals[..., 1::2] << 4)).reshape(rows, -1),
+                ".fp4_scale": b[..., 0].contiguous()}
     return {f"{GGUF_SUFFIX}{type_name}": _tensor(data)}
+
+
+def _interleaved(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rows (or elements) of a and b alternating: a0, b0, a1, b1 ... (GPT-OSS's gate/up order)."""
+    return np.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
+def _transposed_expert_record(parts: dict[str, tuple[str, np.ndarray]], e: int) -> dict[str, torch.Tensor]:
+    """Expert e's record for GPT-OSS, whose parameters are [in, out] with gate/up columns interleaved: MXFP4
+    rows (each its own blocks) interleaved losslessly and kept as fp4 parts ([out, in], native.py's rule);
+    float matrices interleaved and transposed into the parameter's layout; biases interleaved."""
+    out: dict[str, torch.Tensor] = {}
+    (gt, gate), (ut, up), (dt, down) = parts["gate"], parts["up"], parts["down"]
+    for name, type_name, rows in (("gate_up_proj", gt, _interleaved(gate[e], up[e])), ("down_proj", dt, down[e])):
+        if type_name == "MXFP4" and (name == "down_proj" or ut == gt):
+            out.update({f"{name}{k}": v for k, v in stored_matrix(type_name, rows).items()})
+        elif type_name in FLOATS and (name == "down_proj" or ut == gt):
+            out[name] = stored_matrix(type_name, rows)[""].T.contiguous()
+        else:
+            raise UnsupportedModel(f"GPT-OSS experts in {type_name} (gate {gt}, up {ut}): only MXFP4 and float experts "
+                                   "are read for this model")
+    if "gate_bias" in parts:
+        out["gate_up_proj_bias"] = _tensor(_interleaved(parts["gate_bias"][1][e], parts["up_bias"][1][e]))
+        out["down_proj_bias"] = _tensor(parts["down_bias"][1][e])
+    return out
 
 
 def _expert_record(parts: dict[str, tuple[str, np.ndarray]], e: int, transposed: bool) -> dict[str, torch.Tensor]:
     """Expert e's record: gate and up rows fused into gate_up_proj (pieces #0/#1 if their types differ)."""
     if transposed:
-        raise UnsupportedModel("GGUF import of transposed expert layouts is not supported yet")
+        return _transposed_expert_record(parts, e)
     out: dict[str, torch.Tensor] = {}
     (gt, gate), (ut, up), (dt, down) = parts["gate"], parts["up"], parts["down"]
     if gt == ut:
@@ -195,6 +227,34 @@ def glm4moe_config(reader):
         eos_token_id=read_field(reader, "tokenizer.ggml.eos_token_id"))
 
 
+def gpt_oss_config(reader):
+    """A GPT-OSS config from llama.cpp's gpt-oss metadata (transformers 5.25's GGUF reader fails on its YaRN
+    keys: it reads a field's first part, the key length, as the value). Sliding and full attention alternate,
+    as in every GPT-OSS (and as llama.cpp hard-codes)."""
+    from transformers import AutoConfig
+
+    def get(key, default=None):
+        v = read_field(reader, f"gpt-oss.{key}")
+        return default if v is None else v
+
+    rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 150000.0))}
+    if get("rope.scaling.type") == "yarn":
+        rope.update(rope_type="yarn", factor=float(get("rope.scaling.factor")), beta_fast=32.0, beta_slow=1.0,
+                    original_max_position_embeddings=int(get("rope.scaling.original_context_length")), truncate=False)
+    names = {t.name for t in reader.tensors}
+    return AutoConfig.for_model(
+        "gpt_oss", vocab_size=len(read_field(reader, "tokenizer.ggml.tokens")),
+        hidden_size=int(get("embedding_length")), intermediate_size=int(get("expert_feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=int(get("attention.head_count")),
+        num_key_value_heads=int(get("attention.head_count_kv")), head_dim=int(get("attention.key_length")),
+        num_local_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+        sliding_window=int(get("attention.sliding_window", 128)), rope_parameters=rope,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(get("context_length", 131072)), tie_word_embeddings="output.weight" not in names,
+        bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=read_field(reader, "tokenizer.ggml.eos_token_id"))
+
+
 def gguf_config(path: Path, reader, arch: str):
     """transformers' config from the GGUF metadata (`reader`, of `arch`), completed with the MoE sizes it leaves out."""
     from transformers import AutoConfig
@@ -203,6 +263,8 @@ def gguf_config(path: Path, reader, arch: str):
         return deepseek_config(reader, path)
     if arch == "glm4moe":
         return glm4moe_config(reader)
+    if arch == "gpt-oss":
+        return gpt_oss_config(reader)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     for attr, key in EXTRA_KEYS.items():
         value = read_field(reader, f"{arch}.{key}")
@@ -301,10 +363,18 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
             layer, part = int(m.group(1)), m.group(2)
             if layer not in experts:
                 raise UnsupportedModel(f"{path}: {t.name}, but the config makes layer {layer} a dense layer")
-            expert_parts.setdefault(layer, {})[part] = (type_name, t.data)
+            parts = expert_parts.setdefault(layer, {})
+            if m.group(3) == "bias":
+                parts[f"{part}_bias"] = (type_name, dequantize(t.data, t.tensor_type))
+                continue
+            if part == "gate_up":  # llama.cpp's fused form: gate rows, then up rows
+                half = t.data.shape[1] // 2
+                parts["gate"], parts["up"] = (type_name, t.data[:, :half]), (type_name, t.data[:, half:])
+            else:
+                parts[part] = (type_name, t.data)
             types["experts"].add(type_name)
             continue
-        hf = mapping.get(t.name)
+        hf = mapping.get(t.name) or mapping.get(t.name.removesuffix(".weight"))  # llama.cpp's attn_sinks.weight
         if hf is None:
             if t.name in IGNORED:
                 continue
@@ -327,11 +397,16 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
                                f"e.g. {', '.join(missing[:5])}")
     for layer, (name, module) in experts.items():
         parts = expert_parts.get(layer, {})
-        if set(parts) != {"gate", "up", "down"}:
+        if not {"gate", "up", "down"} <= set(parts):
             raise UnsupportedModel(f"{path}: layer {layer} lacks some of ffn_gate_exps, ffn_up_exps, ffn_down_exps")
         want = {k: tuple(v.shape) for k, v in expert_params(module).items()}
+        if module.has_bias and not {"gate_bias", "up_bias", "down_bias"} <= set(parts):
+            raise UnsupportedModel(f"{path}: layer {layer} lacks the expert biases (ffn_*_exps.bias) the model has")
         n, rows, cols = want["gate_up_proj"]
-        for part, shape in (("gate", (n, rows // 2, cols)), ("up", (n, rows // 2, cols)), ("down", want["down_proj"])):
+        down = want["down_proj"]
+        if module.is_transposed:  # parameters are [in, out]; GGUF matrices [out, in]
+            rows, cols, down = cols, rows, (down[0], down[2], down[1])
+        for part, shape in (("gate", (n, rows // 2, cols)), ("up", (n, rows // 2, cols)), ("down", down)):
             type_name, data = parts[part]
             got = tuple(data.shape) if type_name in FLOATS else tuple(quant_shape_from_byte_shape(
                 data.shape, GGMLQuantizationType[type_name]))

@@ -91,6 +91,23 @@ def glm4moe():
     return model
 
 
+def gpt_oss():
+    """GPT-OSS: [in, out] experts with interleaved gate/up columns and biases, sinks, sliding/full layers, YaRN."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    config = AutoConfig.for_model("gpt_oss", vocab_size=VOCAB, hidden_size=64, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+                                  initializer_range=0.2, tie_word_embeddings=False, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # biases and sinks that are not zeros
+            if name.endswith(("bias", "sinks")):
+                p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
 def random_blocks(a: np.ndarray, qtype: Q) -> np.ndarray:
     """Valid blocks of a K-quant gguf-py cannot quantise into: random bits, sane fp16 super-block scales.
     The file's dequantised values, not the model's, are then the reference."""
@@ -116,9 +133,27 @@ def reference(model, path):
     """`model` with every weight replaced by the file's values through gguf-py's dequantiser."""
     values = {t.name: dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(path).tensors}
     sd = model.state_dict()
+    if model.config.model_type == "gpt_oss":  # [in, out], gate/up interleaved; biases de-interleaved in the file
+        for hf in [k for k in sd if ".mlp.experts." in k]:
+            blk, param = f"blk.{hf.split('.')[2]}", hf.rsplit(".", 1)[1]
+            if param == "gate_up_proj":  # rows of gate and up alternate, then [E, out, in] -> [E, in, out]
+                g, u = values[f"{blk}.ffn_gate_exps.weight"], values[f"{blk}.ffn_up_exps.weight"]
+                v = np.swapaxes(np.stack([g, u], axis=2).reshape(g.shape[0], -1, g.shape[2]), 1, 2)
+            elif param == "gate_up_proj_bias":
+                g, u = values[f"{blk}.ffn_gate_exps.bias"], values[f"{blk}.ffn_up_exps.bias"]
+                v = np.stack([g, u], axis=2).reshape(g.shape[0], -1)
+            elif param == "down_proj":
+                v = np.swapaxes(values[f"{blk}.ffn_down_exps.weight"], 1, 2)
+            else:
+                v = values[f"{blk}.ffn_down_exps.bias"]
+            sd[hf] = torch.from_numpy(np.array(v)).reshape(sd[hf].shape)
     for hf, name in tensor_names(model).items():
+        if model.config.model_type == "gpt_oss" and ".mlp.experts." in hf:
+            continue  # above
         if name.endswith("ffn_gate_exps.weight"):
             v = np.concatenate([values[name], values[name.replace("gate_exps", "up_exps")]], axis=1)
+        elif name not in values and name + ".weight" in values:  # GPT-OSS's attn_sinks.weight
+            v = values[name + ".weight"]
         elif name not in values:  # DeepSeek's kv_b_proj, written as its k_b/v_b halves: F32, the model's own
             continue
         else:
@@ -148,6 +183,7 @@ CASES = {
     "deepseek2-v3-Q4_0": (deepseek, {"experts": "Q4_0"}),
     "deepseek2-v2-Q8_0": (lambda: deepseek(2), {"experts": "Q8_0"}),
     "glm4moe-Q4_0": (glm4moe, {"experts": "Q4_0"}),
+    "gpt-oss-MXFP4": (gpt_oss, {"experts": "MXFP4"}),
 }
 
 
@@ -184,19 +220,25 @@ def test_expert_bytes_are_the_files_own(case):
     native = sum(int(tensors[f"blk.{info.layer}.ffn_{p}_exps.weight"].n_bytes) for p in ("gate", "up", "down"))
     assert info.record_bytes * info.experts <= native + info.experts * 4096 + 64 * 4 * info.experts
     buf = torch.from_numpy(np.fromfile(store / info.path, dtype=np.uint8, count=info.record_bytes, offset=0))
-    w = expand(record_tensors(buf, info.tensors), torch.float32)
+    transposed = name.startswith("gpt-oss")  # [in, out] parameters, gate/up columns interleaved
+    w = expand(record_tensors(buf, info.tensors), torch.float32, transposed=transposed)
     gate = dequantize(tensors[f"blk.{info.layer}.ffn_gate_exps.weight"].data, tensors[
         f"blk.{info.layer}.ffn_gate_exps.weight"].tensor_type)[0]
     down = dequantize(tensors[f"blk.{info.layer}.ffn_down_exps.weight"].data, tensors[
         f"blk.{info.layer}.ffn_down_exps.weight"].tensor_type)[0]
-    assert torch.equal(w["gate_up_proj"][: gate.shape[0]], torch.from_numpy(np.array(gate)))
-    assert torch.equal(w["down_proj"], torch.from_numpy(np.array(down)))
+    gate_up, got_down = (w["gate_up_proj"].T[0::2], w["down_proj"].T) if transposed else (
+        w["gate_up_proj"][: gate.shape[0]], w["down_proj"])
+    assert torch.equal(gate_up, torch.from_numpy(np.array(gate)))
+    assert torch.equal(got_down, torch.from_numpy(np.array(down)))
     meta = json.loads((store / "store.json").read_text())
     assert meta["quant"]["experts"].startswith("gguf ")
     if name == "Q4_0":
         assert meta["quant"]["experts_transcoded"] == ["Q4_0->int4_g32"]
         assert {t.name for t in info.tensors} == {"gate_up_proj.q", "gate_up_proj.scale", "down_proj.q",
                                                   "down_proj.scale"}
+    if name.startswith("gpt-oss"):  # MXFP4 kept as fp4 parts (nibble order changed only)
+        assert {t.name for t in info.tensors} == {"gate_up_proj.fp4", "gate_up_proj.fp4_scale", "down_proj.fp4",
+                                                  "down_proj.fp4_scale", "gate_up_proj_bias", "down_proj_bias"}
     if name == "mixed-gate-up":
         assert {t.name for t in info.tensors} >= {"gate_up_proj#0.gguf_Q4_K", "gate_up_proj#1.q", "down_proj"}
 
@@ -270,7 +312,7 @@ def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModel, match="'llama' is not supported yet; supported: deepseek2, glm4moe, qwen2moe, qwen3moe"):
+    with pytest.raises(UnsupportedModel, match="'llama' is not supported yet; supported: deepseek2, glm4moe, gpt-oss, qwen2moe, qwen3moe"):
         convert(str(tmp_path / "llama.gguf"), out, force=True, progress=False)
     assert main(["inspect", str(tmp_path / "llama.gguf"), "--json"]) == 0
     assert (out / "keep.txt").read_text() == "mine"

@@ -41,6 +41,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     for case, (_, kw) in CASES.items():
         family = ("qwen2_moe" if case.startswith("qwen2moe") else "deepseek_v3" if case.startswith("deepseek2-v3")
                   else "deepseek_v2" if case.startswith("deepseek2-v2") else "glm4_moe" if case.startswith("glm4moe")
+                  else "gpt_oss" if case.startswith("gpt-oss")
                   else "qwen3_moe")
         t = {p: kw.get("types", {}).get(p, kw["experts"]) for p in ("gate", "up", "down")}
         experts = t["gate"] if len(set(t.values())) == 1 else f"gate {t['gate']}, up {t['up']}, down {t['down']}"
