@@ -85,10 +85,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("out", metavar="OUT", help="store directory to create")
     c.add_argument("--revision", help="hub revision (branch, tag or commit)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    c.add_argument("--experts", choices=["int8", "int4"],
-                   help="LOSSY, opt-in: quantise the experts (int8 per output channel, or int4 in groups along "
-                        "rows), bf16 scales; default keeps the checkpoint's dtype. `moestream eval` measures the cost")
-    c.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
+    c.add_argument("--experts", choices=["int8", "int4", "int4z"],
+                   help="LOSSY, opt-in: quantise the experts (int8 per output channel; int4 in groups along rows, "
+                        "symmetric; int4z: int4 with a zero point per group), bf16 scales; default keeps the "
+                        "checkpoint's dtype. `moestream eval` measures the cost")
+    c.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4/int4z group size (default 32)")
     c.add_argument("--dense", choices=["int8"],
                    help="LOSSY, opt-in: quantise the dense nn.Linear weights (attention, dense MLPs, lm_head) to "
                         "int8 per output channel: half the resident bytes of bf16, torch's packed int8 matmul on CPU")

@@ -29,8 +29,8 @@ def _nibble(n: torch.Tensor, codes: str) -> torch.Tensor:
     """A 4-bit code's value in float32: int4 stored +8, or e2m1 (sign, 2 exponent bits, 1 mantissa bit).
     e2m1 is decoded with integer shifts as twice its value (0, 1, 2, 3, 4, 6, 8, 12), then halved: inductor
     vectorises that (4x faster than float where/exp2 here; a table lookup it does not vectorise)."""
-    if codes == "int4":
-        return n.to(torch.float32) - 8
+    if codes in ("int4", "uint4"):  # uint4: the zero point is applied per group by the caller
+        return n.to(torch.float32) - (8 if codes == "int4" else 0)
     n = n.to(torch.int32)
     e, m = (n >> 1) & 3, n & 1
     twice = torch.where(e == 0, m, ((2 + m) << e) >> 1)
@@ -46,8 +46,10 @@ def _unpacked(q: torch.Tensor, groups: int, codes: str) -> torch.Tensor:
     return torch.cat([_nibble(qq & 15, codes), _nibble(qq >> 4, codes)], dim=-1).view(rows, groups, -1)
 
 
-def grouped_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, codes: str) -> torch.Tensor:
-    """x [1, cols] times the matrix (q, scale) transposed: [1, rows]; sums in float32.
+def grouped_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, codes: str,
+                   zero: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, cols] times the matrix (q, scale[, zero]) transposed: [1, rows]; sums in float32. A zero point
+    enters once per group, as scale * zero * sum(x over the group).
 
     Written as one long reduction per row (scale applied per term) rather than per-group sums then a
     sum over groups: inductor then vectorises along the row, 3x faster than the short per-group sums."""
@@ -58,12 +60,20 @@ def grouped_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, codes:
         qq = q.view(rows, groups, -1)
         xv = x.to(torch.float32).view(1, groups, -1, 2)
         terms = _nibble(qq & 15, codes) * xv[..., 0] + _nibble(qq >> 4, codes) * xv[..., 1]
-    return (terms * scale.to(torch.float32)[:, :, None]).sum((1, 2)).view(1, -1).to(x.dtype)
+    y = (terms * scale.to(torch.float32)[:, :, None]).sum((1, 2))
+    if zero is not None:
+        xsum = x.to(torch.float32).view(1, groups, -1).sum(-1)
+        y = y - (scale.to(torch.float32) * zero * xsum).sum(1)
+    return y.view(1, -1).to(x.dtype)
 
 
-def grouped_expand(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, codes: str) -> torch.Tensor:
+def grouped_expand(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, codes: str,
+                   zero: torch.Tensor | None = None) -> torch.Tensor:
     """The matrix in `dtype`, [rows, cols]."""
-    w = _unpacked(q, scale.shape[1], codes) * scale.to(torch.float32)[:, :, None]
+    vals = _unpacked(q, scale.shape[1], codes)
+    if zero is not None:
+        vals = vals - zero[:, :, None]
+    w = vals * scale.to(torch.float32)[:, :, None]
     return w.view(q.shape[0], -1).to(dtype)
 
 
@@ -106,7 +116,8 @@ class GroupedWeight:
 
     q: torch.Tensor
     scale: torch.Tensor  # [rows, groups]
-    codes: str = "int4"
+    codes: str = "int4"  # or "uint4" with `zero`, "e2m1"; ignored for int8 / e4m3 q
+    zero: torch.Tensor | None = None  # float32 [rows, groups] zero points (int4z)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         # float32 in, float32 out of the compiled graphs: inductor stops vectorising when bf16 and fp16
@@ -114,12 +125,12 @@ class GroupedWeight:
         scale = self.scale.to(torch.float32)
         if x.shape[0] <= MATVEC_ROWS:  # a few tokens (most experts in a prefill chunk or a batch): row by row
             xf = x.to(torch.float32)
-            return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale, self.codes)
+            return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale, self.codes, self.zero)
                               for i in range(x.shape[0])]).to(x.dtype)
         return F.linear(x, self.expanded(x.dtype))
 
     def expanded(self, dtype: torch.dtype) -> torch.Tensor:
-        return _expand(self.q, self.scale.to(torch.float32), torch.float32, self.codes).to(dtype)
+        return _expand(self.q, self.scale.to(torch.float32), torch.float32, self.codes, self.zero).to(dtype)
 
 
 _kq_scales = _Compiled(kquants.scales)
@@ -151,9 +162,9 @@ def joined(pieces: list) -> GroupedWeight | KQuantWeight | None:
     if all(isinstance(w, KQuantWeight) for w in pieces) and len({(w.type_name, w.blocks.shape[1])
                                                                  for w in pieces}) == 1:
         return KQuantWeight(torch.cat([w.blocks for w in pieces]), pieces[0].type_name)
-    forms = {(w.codes, w.q.dtype, w.q.shape[1], w.scale.shape[1]) if isinstance(w, GroupedWeight) else None
-             for w in pieces}
-    if None in forms or len(forms) != 1:
+    forms = {(w.codes, w.q.dtype, w.q.shape[1], w.scale.shape[1], w.zero is None) if isinstance(w, GroupedWeight)
+             else None for w in pieces}
+    if None in forms or len(forms) != 1 or pieces[0].zero is not None:
         return None
     return GroupedWeight(torch.cat([w.q for w in pieces]), torch.cat([w.scale.to(torch.float32) for w in pieces]),
                          pieces[0].codes)
@@ -176,7 +187,7 @@ def warm_up(layers) -> int:
             parts = {name: torch.zeros(shape, dtype=DTYPES[dtype]) for name, dtype, shape in layout}
             for w in expand(parts, torch.float32, cpu_kernels=True).values():
                 if isinstance(w, GroupedWeight):
-                    form = (tuple(w.q.shape), w.q.dtype, tuple(w.scale.shape), w.codes)
+                    form = (tuple(w.q.shape), w.q.dtype, tuple(w.scale.shape), w.codes, w.zero is None)
                     cols = w.q.shape[1] * (2 if w.q.dtype == torch.uint8 else 1)
                 elif isinstance(w, KQuantWeight):
                     form = (tuple(w.blocks.shape), w.type_name)

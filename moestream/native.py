@@ -103,7 +103,8 @@ def grouped_part(base: str, parts: dict[str, torch.Tensor]):
 
 
 def is_scale_part(name: str) -> bool:
-    return name.endswith((".scale", ".fp4_scale")) or ".fp8_scale" in name
+    """Scales and zero points: parts that are not values of their own."""
+    return name.endswith((".scale", ".fp4_scale", ".zero")) or ".fp8_scale" in name
 
 
 @dataclass(frozen=True)

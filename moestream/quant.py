@@ -2,6 +2,8 @@
 
   int8   symmetric, one scale per row (output channel), bf16 scales
   int4   symmetric, one scale per group of `group` values along a row, two values per byte, bf16 scales
+  int4z  int4 with a zero point per group (asymmetric: each group's min..max onto 0..15), bf16 scales,
+         uint8 zero points (`name.zero`); finer where a group's values are not centred on zero
 
 A record then holds, per matrix `name`, `name.q` (int8, or uint8 with two int4 per byte) and
 `name.scale`; vectors (biases) stay as they were. Rows are the stored layout's rows: for modules
@@ -25,11 +27,11 @@ from .kernels import GroupedWeight, KQuantWeight, joined
 from .kquants import BLOCK_BYTES as KQUANT_BYTES
 from .native import dequantize_part, grouped_part, is_scale_part
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "int4z")
 
 
 def scheme_name(scheme: str, group: int) -> str:
-    return "int8_channel" if scheme == "int8" else f"int4_g{group}"
+    return "int8_channel" if scheme == "int8" else f"{scheme}_g{group}"
 
 
 def quantize(t: torch.Tensor, scheme: str, group: int = 32) -> dict[str, torch.Tensor]:
@@ -41,20 +43,28 @@ def quantize(t: torch.Tensor, scheme: str, group: int = 32) -> dict[str, torch.T
         scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
         q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
         return {"q": q, "scale": scale.squeeze(1).to(torch.bfloat16)}
-    if scheme == "int4":
+    if scheme in ("int4", "int4z"):
         rows, cols = x.shape
         if cols % group or group % 2:
             raise ValueError(f"int4 group {group} must be even and divide the row length {cols}")
         g = x.view(rows, cols // group, group)
-        scale = (g.abs().amax(dim=2, keepdim=True) / 7).clamp(min=1e-12)
-        q = (torch.round(g / scale).clamp(-8, 7).to(torch.int16) + 8).view(rows, cols).to(torch.uint8)
-        packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        return {"q": packed, "scale": scale.squeeze(2).to(torch.bfloat16)}
+        if scheme == "int4":
+            scale = (g.abs().amax(dim=2, keepdim=True) / 7).clamp(min=1e-12)
+            q = (torch.round(g / scale).clamp(-8, 7).to(torch.int16) + 8).view(rows, cols).to(torch.uint8)
+            return {"q": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale.squeeze(2).to(torch.bfloat16)}
+        lo, hi = g.amin(dim=2, keepdim=True).clamp(max=0), g.amax(dim=2, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()  # the stored scale is what counts
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        q = torch.round(g / scale + zero).clamp(0, 15).to(torch.uint8).view(rows, cols)
+        return {"q": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale.squeeze(2).to(torch.bfloat16),
+                "zero": zero.squeeze(2).to(torch.uint8)}
     raise ValueError(f"unknown experts format {scheme!r}: choose one of {', '.join(SCHEMES)}")
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The matrix in `dtype`, from its stored parts (the scheme is told by q's dtype and scale's shape)."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, zero: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """The matrix in `dtype`, from its stored parts (the scheme is told by q's dtype, scale's shape, and a
+    zero point's presence)."""
     if q.dtype == torch.int8:
         if scale.dim() == 2:  # one scale per group along the row
             rows, cols = q.shape
@@ -62,9 +72,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
             return w.view(rows, cols).to(dtype)
         return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
     rows = q.shape[0]
-    vals = torch.stack([(q & 0x0F), (q >> 4)], dim=-1).view(rows, -1).to(torch.int8) - 8
+    vals = torch.stack([(q & 0x0F), (q >> 4)], dim=-1).view(rows, -1).to(torch.int16)
     groups = scale.shape[1]
-    w = vals.view(rows, groups, -1).to(torch.float32) * scale.to(torch.float32)[:, :, None]
+    vals = vals.view(rows, groups, -1) - (8 if zero is None else zero.to(torch.int16)[:, :, None])
+    w = vals.to(torch.float32) * scale.to(torch.float32)[:, :, None]
     return w.view(rows, -1).to(dtype)
 
 
@@ -176,14 +187,15 @@ def expand(parts: dict[str, torch.Tensor], dtype: torch.dtype, cpu_kernels: bool
     for name, t in parts.items():
         if name.endswith(".q"):
             base = name[:-2]
-            scale = parts[base + ".scale"]
+            scale, zero = parts[base + ".scale"], parts.get(base + ".zero")
             kernels = cpu_kernels and not transposed and "#" not in base
             if kernels and t.dtype == torch.int8 and scale.dim() == 1:
                 out[base] = Int8Weight(t, scale.to(dtype))
             elif kernels and scale.dim() == 2:
-                out[base] = GroupedWeight(t, scale)
+                out[base] = GroupedWeight(t, scale, "int4" if zero is None else "uint4",
+                                          None if zero is None else zero.to(torch.float32))
             else:
-                out[base] = dequantize(t, scale, dtype)
+                out[base] = dequantize(t, scale, dtype, zero)
         elif name.endswith((".fp8", ".fp4")):
             base = name.rsplit(".", 1)[0]
             w = grouped_part(base, parts) if cpu_kernels else None

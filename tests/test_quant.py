@@ -47,7 +47,7 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("q")
     src = str(bundled_model())
     return {f: convert(src, root / f, progress=False, experts=None if f == "exact" else f)
-            for f in ("exact", "int8", "int4")}
+            for f in ("exact", "int8", "int4", "int4z")}
 
 
 def test_quantised_stores_are_smaller_and_labelled(stores):
@@ -63,14 +63,32 @@ def test_quantised_stores_are_smaller_and_labelled(stores):
         assert "LOSSY" not in m.stats.format()
 
 
-def test_int8_store_computes_exactly_its_dequantised_weights(stores, monkeypatch):
-    """The runtime's int8 path (torch's packed int8 matmul on CPU) equals transformers' model holding
-    the same dequantised weights."""
+def test_int4z_round_trip_and_error_bound():
+    """A zero point per group maps each group's min..max onto 0..15: half a step of error, and a group of
+    all-positive values keeps its full 16 levels (symmetric int4 would spend half of them on negatives)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    w[0] = w[0].abs() + 1  # one row entirely positive
+    p = quantize(w, "int4z", 32)
+    assert p["zero"].dtype == torch.uint8 and p["zero"].shape == (8, 2) and p["q"].shape == (8, 32)
+    back = dequantize(p["q"], p["scale"], torch.float32, p["zero"])
+    step = p["scale"].float().repeat_interleave(32, 1)
+    assert ((back - w).abs() <= step * 0.5 + w.abs() * 2**-7 + 1e-6).all()
+    sym = dequantize(*quantize(w, "int4", 32).values(), torch.float32)
+    assert (back[0] - w[0]).abs().mean() < (sym[0] - w[0]).abs().mean()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4z"])
+def test_quantised_store_computes_exactly_its_dequantised_weights(scheme, stores, monkeypatch):
+    """The runtime's compact path (torch's packed int8 matmul, or the compiled int4z kernel) equals
+    transformers' model holding the same dequantised weights."""
+    from moestream.kernels import GroupedWeight
     from moestream.quant import Int8Weight
 
     calls = []
-    real = Int8Weight.linear
-    monkeypatch.setattr(Int8Weight, "linear", lambda self, x: calls.append(1) or real(self, x))
+    cls = Int8Weight if scheme == "int8" else GroupedWeight
+    real = cls.linear
+    monkeypatch.setattr(cls, "linear", lambda self, x: calls.append(1) or real(self, x))
     ref = AutoModelForCausalLM.from_pretrained(bundled_model(), experts_implementation="eager",
                                                dtype=torch.float32).eval()
     with torch.no_grad():
@@ -79,14 +97,16 @@ def test_int8_store_computes_exactly_its_dequantised_weights(stores, monkeypatch
             for name in ("gate_up_proj", "down_proj"):
                 p = getattr(ex, name)
                 for e in range(p.shape[0]):
-                    q = quantize(p[e].to(torch.bfloat16), "int8")
-                    p[e] = dequantize(q["q"], q["scale"], torch.float32)
+                    q = quantize(p[e].to(torch.bfloat16), scheme)
+                    p[e] = dequantize(q["q"], q["scale"], torch.float32, q.get("zero"))
     ids = torch.tensor([[5, 300, 1200, 42, 77, 9, 2048, 13]])
-    with moestream.load(stores["int8"], cache="3MB", dtype="float32", device="cpu") as m:
+    budget = Store.open(stores[scheme]).expert_bytes // 4  # a quarter of the experts: evictions
+    with moestream.load(stores[scheme], cache=budget, dtype="float32", device="cpu") as m:
         with torch.no_grad():
             assert (ref(ids).logits - m.model(ids).logits).abs().max().item() <= 1e-4
+            list(m.stream_ids([5, 300], max_new_tokens=2, stop_at_eos=False))  # one-token steps too
         assert m.cache.total().evictions > 0
-    assert calls  # the packed int8 kernel did the work
+    assert calls  # the compact kernel did the work
 
 
 def held_out_text(chars: int = 20000) -> str:
@@ -103,13 +123,15 @@ def test_eval_kl_bounds(stores, tmp_path):
     opts = dict(cache="64MB", device="cpu")
     with moestream.load(stores["exact"], **opts) as ref:
         scores = {}
-        for f in ("exact", "int8", "int4"):
+        for f in ("exact", "int8", "int4", "int4z"):
             with moestream.load(stores[f], **opts) as m:
                 scores[f] = evaluate(m, text, ref, window=256, max_tokens=2048)
     assert scores["exact"]["kl"] == 0 and scores["exact"]["top1_agreement"] == 1
     assert all(math.isfinite(s["kl"]) and math.isfinite(s["perplexity"]) for s in scores.values())
     assert 0 < scores["int8"]["kl"] < scores["int4"]["kl"] / 3
     assert scores["int4"]["kl"] < 0.05 and scores["int4"]["top1_agreement"] > 0.9
+    assert scores["int8"]["kl"] < scores["int4z"]["kl"] < 0.05 and scores["int4z"]["top1_agreement"] > 0.9
+    print({f: round(s["kl"], 5) for f, s in scores.items()})
     (tmp_path / "t.txt").write_text(text)
     from test_cli import cli
 
@@ -120,8 +142,8 @@ def test_eval_kl_bounds(stores, tmp_path):
     assert d["experts_format"] == "int4_g32" and d["tokens"] == 512 and d["kl"] > 0
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8_g32"])
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("scheme", ["int4", "int4z", "int8_g32"])
+@pytest.mark.parametrize("tokens", [1, 3, 20])
 def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeypatch):
     """The compiled CPU kernels (and their eager fallback) equal F.linear on the expanded matrix."""
     from moestream import kernels
@@ -130,17 +152,20 @@ def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeyp
 
     torch.manual_seed(0)
     w = torch.randn(96, 128)
-    if scheme == "int4":
-        p = quantize(w, "int4", 32)
-        q, scale = p["q"], p["scale"].half()
+    zero = None
+    if scheme.startswith("int4"):
+        p = quantize(w, scheme, 32)
+        q, scale, zero = p["q"], p["scale"].half(), p.get("zero")
     else:  # Q8_0's layout: int8 with one fp16 scale per 32
         scale = (w.view(96, 4, 32).abs().amax(-1) / 127).half()
         q = torch.round(w.view(96, 4, 32) / scale.float()[:, :, None]).clamp(-127, 127).to(torch.int8).view(96, 128)
     x = torch.randn(tokens, 128)
-    want = F.linear(x, dequantize(q, scale, torch.float32))
-    torch.testing.assert_close(GroupedWeight(q, scale).linear(x), want, rtol=1e-5, atol=1e-4)
+    want = F.linear(x, dequantize(q, scale, torch.float32, zero))
+    weight = GroupedWeight(q, scale, "uint4" if zero is not None else "int4",
+                           None if zero is None else zero.to(torch.float32))
+    torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(kernels._Compiled, "failed", "simulated: no compiler")
-    torch.testing.assert_close(GroupedWeight(q, scale).linear(x), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
 
 
 def test_int4_store_runs_the_grouped_kernel(stores, monkeypatch):

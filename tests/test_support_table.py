@@ -32,7 +32,10 @@ def rows() -> list[tuple[str, str, str, str]]:
     out += [(f, "bf16/fp16/fp32 checkpoint", EXACT, f"tests/test_families.py::test_family_parity[{f}]")
             for f in sorted(FAMILIES)]
     out += [("qwen3_moe", "int8 experts (`--experts int8`, lossy)", "exact to its dequantised weights; KL bound",
-             "tests/test_quant.py::test_int8_store_computes_exactly_its_dequantised_weights"),
+             "tests/test_quant.py::test_quantised_store_computes_exactly_its_dequantised_weights[int8]"),
+            ("qwen3_moe", "int4 g32 experts with zero points (`--experts int4z`, lossy)",
+             "exact to its dequantised weights; KL and top-1 bounds",
+             "tests/test_quant.py::test_quantised_store_computes_exactly_its_dequantised_weights[int4z]"),
             ("qwen3_moe", "int4 g32 experts (`--experts int4`, lossy)", "KL and top-1 bounds against the exact model",
              "tests/test_quant.py::test_eval_kl_bounds"),
             ("qwen3_moe", "int8 dense (`--dense int8`, lossy)", "exact to its dequantised weights; KL bound",
