@@ -90,9 +90,10 @@ def parser() -> argparse.ArgumentParser:
                         "symmetric; int4z: int4 with a zero point per group), bf16 scales; default keeps the "
                         "checkpoint's dtype. `moestream eval` measures the cost")
     c.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4/int4z group size (default 32)")
-    c.add_argument("--dense", choices=["int8"],
-                   help="LOSSY, opt-in: quantise the dense nn.Linear weights (attention, dense MLPs, lm_head) to "
-                        "int8 per output channel: half the resident bytes of bf16, torch's packed int8 matmul on CPU")
+    c.add_argument("--dense", choices=["int8", "fp8"],
+                   help="int8: LOSSY, opt-in: quantise the dense nn.Linear weights (attention, dense MLPs, lm_head) to "
+                        "int8 per output channel: half the resident bytes of bf16, torch's packed int8 matmul on CPU. "
+                        "fp8: keep an FP8 checkpoint's dense linear weights as stored (exact; half of bf16)")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="for a .gguf or quantised (FP8, MXFP4, INT4) SRC: the dtype its dense weights are dequantised "
                         "into (default bfloat16; float32 keeps them exact). Experts always keep their format")
@@ -542,7 +543,7 @@ def _inspect(args) -> int:
         if q.startswith("gguf") else " (exact: as the source stores them)"))
     dq = s.meta["quant"].get("dense", "none")
     if dq != "none":
-        print(f"  dense format  {dq} (LOSSY)")
+        print(f"  dense format  {dq}" + (" (exact: as the source stores them)" if dq.startswith("fp8") else " (LOSSY)"))
     if s.meta["quant"].get("dense_source"):
         print(f"  dense source  {s.meta['quant']['dense_source']}")
     print(f"  dense         {format_size(s.dense_bytes)} resident (dense.safetensors)")

@@ -24,7 +24,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, rename_source_key
 
 from . import __version__
-from .native import NativeCheckpoint
+from .native import NativeCheckpoint, e8m0
 from .quant import SCHEMES, int8_linears, quantize, scheme_name
 from .reader import CHECKSUM, checksum
 from .safetensors_io import Checkpoint, write_safetensors
@@ -332,15 +332,41 @@ def store_directory(out: Path, force: bool):
         raise
 
 
-def _quant_meta(plan: _Plan, ckpt, experts: str | None, group: int, int8: set) -> dict:
+def _fp8_dense(model, plan: _Plan, ckpt) -> dict:
+    """The dense nn.Linear weights `--dense fp8` keeps as stored: model name -> native.Quantised (fp8 only)."""
+    out = {}
+    for g in plan.dense:
+        q = ckpt.quantised(g.keys[0][0]) if g.converter is None and isinstance(ckpt, NativeCheckpoint) else None
+        if q is not None and q.kind == "fp8" and g.target.endswith(".weight") and \
+                type(model.get_submodule(g.target.removesuffix(".weight"))) is torch.nn.Linear:
+            out[g.target] = q
+    return out
+
+
+def _fp8_dense_specs(specs: list, fp8: dict) -> list:
+    """The dense file's tensors with each weight kept in FP8 replaced by its `fp8` values and `fp8_scale`."""
+    out = []
+    for name, dt, shape in specs:
+        if name in fp8:
+            module, (bm, bn) = name.removesuffix(".weight"), fp8[name].block
+            out += [(f"{module}.fp8", torch.float8_e4m3fn, shape),
+                    (f"{module}.fp8_scale", torch.float32, (-(-shape[0] // bm), -(-shape[1] // bn)))]
+        else:
+            out.append((name, dt, shape))
+    return out
+
+
+def _quant_meta(plan: _Plan, ckpt, experts: str | None, group: int, int8: set, fp8: dict) -> dict:
     """store.json's `quant`: the experts' format, the dense part's, and for a quantised source what it was."""
     meta = {"experts": scheme_name(experts, group) if experts else "none", "dense": "int8_channel" if int8 else "none",
             "lossy": bool(experts or int8)}
+    if fp8:
+        meta["dense"] = ckpt.label({q.keys["values"] for q in fp8.values()})
     if isinstance(ckpt, NativeCheckpoint):
         expert_keys = {k for p in plan.experts.values() for groups in (*p.per_expert.values(), p.fused)
                        for g in groups for k, _ in g.keys}
         meta["experts"] = ckpt.label(expert_keys)
-        dense = ckpt.label(set(ckpt.keys()) - expert_keys)
+        dense = ckpt.label(set(ckpt.keys()) - expert_keys - {q.keys["values"] for q in fp8.values()})
         if dense != "none":
             meta["dense_source"] = f"{dense} dequantised to {dtype_name(ckpt.dtype)}"
     return meta
@@ -384,13 +410,16 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     out = Path(out).expanduser().absolute()
     if experts is not None and experts not in SCHEMES:
         raise ValueError(f"--experts {experts!r}: choose one of {', '.join(SCHEMES)}")
-    if dense not in (None, "int8"):
-        raise ValueError(f"--dense {dense!r}: the only dense quantisation is int8")
+    if dense not in (None, "int8", "fp8"):
+        raise ValueError(f"--dense {dense!r}: choose int8 (lossy) or fp8 (an FP8 checkpoint's dense weights kept "
+                         "as stored)")
     if str(src).endswith(".gguf"):
         from .gguf_import import convert_gguf
 
         if experts is not None:
             raise ValueError("--experts: a GGUF file's experts keep their own quantisation (see `moestream inspect`)")
+        if dense == "fp8":
+            raise ValueError("--dense fp8 keeps an FP8 checkpoint's dense weights; a GGUF file has none")
         return convert_gguf(Path(src), out, force=force, progress=progress, dtype=dtype, dense=dense)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
@@ -407,6 +436,10 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
     if native:
         ckpt = NativeCheckpoint(ckpt, config, dtype or torch.bfloat16)
     plan = _Plan(model, ckpt)
+    fp8 = _fp8_dense(model, plan, ckpt) if dense == "fp8" else {}
+    if dense == "fp8" and not fp8:
+        raise ValueError(f"--dense fp8 keeps an FP8 checkpoint's dense weights as stored; {src} has no FP8 linear "
+                         "weights")
     t0 = time.time()
     skipped = set(plan.skipped)
     total = sum(ckpt.nbytes(k) for k in ckpt.keys() if k not in skipped)
@@ -417,11 +450,18 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
 
         def dense_tensors():
             for g in plan.dense:
+                if g.target in fp8:  # kept as stored: e4m3 values and float32 block scales
+                    module, parts = g.target.removesuffix(".weight"), ckpt.parts(fp8[g.target], None)
+                    values, scale = parts.pop("w.fp8"), parts.popitem()[1]
+                    bar.update(values.numel() + scale.numel() * scale.element_size())
+                    yield f"{module}.fp8", values
+                    yield f"{module}.fp8_scale", e8m0(scale) if scale.dtype == torch.uint8 else scale
+                    continue
                 for name, t in _run_groups([g], ckpt.get).items():
                     bar.update(t.numel() * t.element_size())
                     yield name, t
 
-        specs = int8_dense_specs(plan.dense_specs, int8)
+        specs = int8_dense_specs(_fp8_dense_specs(plan.dense_specs, fp8), int8)
         dense_bytes = write_safetensors(tmp / DENSE_FILE, specs, int8_dense_tensors(dense_tensors(), int8),
                                         {"format": "pt", "producer": f"moestream {__version__}"})
         layers = []
@@ -443,7 +483,7 @@ def convert(src: str, out: str | os.PathLike, *, force: bool = False, revision: 
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         write_meta(tmp, source={"model": str(src), "path": str(src_dir), "revision": revision, "files": ckpt.files()},
                    config=config, model=model, dtype=_store_dtype(plan.dense_specs),
-                   quant=_quant_meta(plan, ckpt, experts, group, int8),
+                   quant=_quant_meta(plan, ckpt, experts, group, int8, fp8),
                    dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers,
                    seconds=time.time() - t0, skipped=plan.skipped)
     return out

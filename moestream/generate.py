@@ -107,7 +107,8 @@ class GenerationStats:
             *([f"experts format       {self.experts_format} (LOSSY: "
                f"{'as quantised in the GGUF file' if self.experts_format.startswith('gguf') else 'quantised at convert'})"]
               if self.experts_format != "none" else []),
-            *([f"dense format         {self.dense_format} (LOSSY: quantised at convert)"]
+            *([f"dense format         {self.dense_format} " + ("(exact: the checkpoint's FP8, kept as stored)"
+                if self.dense_format.startswith("fp8") else "(LOSSY: quantised at convert)")]
               if self.dense_format != "none" else []),
             f"expert cache         {format_size(self.cache_budget)}, hit rate {100 * io.hit_rate:.1f} % "
             f"({io.hits} hits, {io.misses} misses, {io.evictions} evictions)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from .safetensors_io import Checkpoint
@@ -276,3 +277,26 @@ class NativeCheckpoint:
             return {f"{name}.fp4": values.reshape(values.shape[0], -1).view(torch.uint8),
                     f"{name}.fp4_scale": scale.reshape(scale.shape[0], -1).view(torch.uint8)}
         return {f"{name}.q": values.contiguous().view(torch.uint8), f"{name}.scale": scale}
+
+
+class Fp8Linear(torch.nn.Module):
+    """An nn.Linear whose weight stays in the checkpoint's FP8 (`--dense fp8`): e4m3 values `fp8` and float32
+    block scales `fp8_scale`, half the resident bytes of bf16 (a DeepSeek-sized dense part in 32-64 GB).
+    Computed by the compiled e4m3 kernel on CPU (kernels.GroupedWeight), dequantised per call elsewhere."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 block: tuple[int, int], device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        grid = (-(-out_features // block[0]), -(-in_features // block[1]))
+        self.register_buffer("fp8", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("fp8_scale", torch.empty(grid, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = {"w.fp8": self.fp8, f"w.fp8_scale{self.block[0]}x{self.block[1]}": self.fp8_scale}
+        flat = x.reshape(-1, self.in_features)
+        w = grouped_part("w", parts) if flat.device.type == "cpu" else None
+        y = w.linear(flat) if w is not None else F.linear(flat, dequantize_part("w", parts).to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y

@@ -120,13 +120,19 @@ class Int8Linear(torch.nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def use_int8_linears(model, dtype: torch.dtype) -> None:
-    """Swap the modules `int8_linears` names for Int8Linear (on the meta device, before weights load)."""
-    for name in int8_linears(model):
+def replace_linears(model, names, make) -> None:
+    """Swap the nn.Linear modules `names` for `make(in_features, out_features, has_bias)` (on the meta device,
+    before the weights load): the dense weights a store keeps compact (`--dense int8` / `fp8`)."""
+    for name in names:
         parent, _, child = name.rpartition(".")
         old = model.get_submodule(name)
         setattr(model.get_submodule(parent) if parent else model, child,
-                Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype, device="meta"))
+                make(old.in_features, old.out_features, old.bias is not None))
+
+
+def use_int8_linears(model, dtype: torch.dtype) -> None:
+    """Swap the modules `int8_linears` names for Int8Linear."""
+    replace_linears(model, int8_linears(model), lambda i, o, b: Int8Linear(i, o, b, dtype, device="meta"))
 
 
 GGUF_SUFFIX = ".gguf_"

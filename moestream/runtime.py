@@ -28,7 +28,8 @@ from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
 from .kernels import GroupedWeight, KQuantWeight, warm_up
-from .quant import Int8Weight, expand, use_int8_linears
+from .native import Fp8Linear
+from .quant import Int8Weight, expand, replace_linears, use_int8_linears
 from .reader import RecordReader
 from .safetensors_io import read_into
 from .skeleton import experts_modules, expert_params, load_config, meta_model
@@ -305,8 +306,16 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
             mod.register_parameter(p, None)
         if getattr(mod, "moestream_adapted", False):  # not built on the experts interface (adapters.py)
             mod.forward = types.MethodType(experts_forward, mod)
-    if store.meta["quant"].get("dense", "none") == "int8_channel":
+    dense_format = store.meta["quant"].get("dense", "none")
+    if dense_format == "int8_channel":
         use_int8_linears(model, dtype)
+    elif dense_format.startswith("fp8_e4m3_b"):  # --dense fp8: the checkpoint's FP8 linears kept as stored
+        from safetensors import safe_open
+
+        block = tuple(int(b) for b in dense_format.removeprefix("fp8_e4m3_b").split("x"))
+        with safe_open(store.dense_path, "pt") as f:
+            names = [k.removesuffix(".fp8") for k in f.keys() if k.endswith(".fp8")]
+        replace_linears(model, names, lambda i, o, b: Fp8Linear(i, o, b, dtype, block, device="meta"))
     _fill_dense(model, store, device)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
     policy = make_policy(cache_policy)

@@ -32,6 +32,7 @@ TWIN = "exact to the dequantised weights (fp32 twin: logits within 1e-4, greedy 
 TABLE = [
     ("deepseek_v3", "FP8 e4m3 with fp32 block `weight_scale_inv` (DeepSeek-V3/R1, Kimi K2), partial edge blocks",
      TWIN, "test_deepseek_v3_fp8_streams_its_dequantised_weights"),
+    ("deepseek_v3", "FP8 dense linears kept as stored (`--dense fp8`)", TWIN, "test_dense_fp8_kept_as_stored"),
     ("deepseek_v3", "FP8 e4m3, fp32 block scales", "equal to transformers' own FP8 dequantisation (logits, greedy)",
      "test_fp8_matches_transformers_dequantising_the_native_checkpoint"),
     ("deepseek_v4", "experts FP4 e2m1 + E8M0 per 32, dense FP8 + E8M0 block scales, upstream key names",
@@ -205,6 +206,29 @@ def test_deepseek_v3_fp8_streams_its_dequantised_weights(tmp_path):
     assert "quantization_config" not in json.loads((store / "config.json").read_text())
     record_bytes_fit(store, nbytes)
     check_streams_like(store, eager(twin))
+
+
+def test_dense_fp8_kept_as_stored(tmp_path, capsys):
+    """`--dense fp8`: the checkpoint's FP8 linear weights stay FP8 in the dense file and in memory (half of bf16,
+    a quarter of fp32), computed exactly: logits against the fp32 twin, partial edge blocks included."""
+    from moestream.cli import main
+    from moestream.native import Fp8Linear
+
+    src, twin, _ = write_fp8(tmp_path, (32, 32), {"kv_lora_rank": 40})
+    store = convert(str(src), tmp_path / "store", progress=False, dtype=torch.float32, dense="fp8")
+    full = convert(str(src), tmp_path / "full", progress=False, dtype=torch.float32)
+    s = Store.open(store)
+    assert s.meta["quant"]["dense"] == "fp8_e4m3_b32x32" and s.meta["quant"]["lossy"] is False
+    assert s.dense_bytes < 0.5 * Store.open(full).dense_bytes
+    check_streams_like(store, eager(twin))
+    with moestream.load(store, cache="64MB", device="cpu") as m:
+        kept = [n for n, mod in m.model.named_modules() if isinstance(mod, Fp8Linear)]
+        assert "model.layers.0.self_attn.kv_a_proj_with_mqa" in kept and "model.layers.0.mlp.gate_proj" in kept
+        assert "lm_head" not in kept  # not FP8 in the checkpoint
+    assert main(["inspect", str(store)]) == 0
+    assert "dense format  fp8_e4m3_b32x32 (exact: as the source stores them)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no FP8 linear"):
+        convert(str(twin), tmp_path / "bad", progress=False, dense="fp8")
 
 
 def test_inspect_names_the_native_format(tmp_path, capsys):
