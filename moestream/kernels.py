@@ -133,6 +133,26 @@ class GroupedWeight:
         return _expand(self.q, self.scale.to(torch.float32), torch.float32, self.codes, self.zero).to(dtype)
 
 
+def grouped_mlp(x: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, gcodes: str, gzero: torch.Tensor | None,
+                dq: torch.Tensor, ds: torch.Tensor, dcodes: str, dzero: torch.Tensor | None) -> torch.Tensor:
+    """One token [1, hidden] through a SiLU-gated expert (gate_up, then silu(gate) * up, then down), all in
+    float32 in one compiled graph: one call per expert and token instead of two plus eager gating."""
+    gate, up = grouped_matvec(x, gq, gs, gcodes, gzero).chunk(2, dim=-1)
+    return grouped_matvec(F.silu(gate) * up, dq, ds, dcodes, dzero)
+
+
+_mlp = _Compiled(grouped_mlp)
+
+
+def silu_mlp(x: torch.Tensor, gate_up: GroupedWeight, down: GroupedWeight) -> torch.Tensor:
+    """x [tokens <= MATVEC_ROWS, hidden] through a SiLU-gated expert kept compact (grouped_mlp per token):
+    measured 0.33 against 0.40 ms per Qwen3-30B-sized int4 expert for the two-call path."""
+    xf = x.to(torch.float32)
+    gs, ds = gate_up.scale.to(torch.float32), down.scale.to(torch.float32)
+    return torch.cat([_mlp(xf[i:i + 1].contiguous(), gate_up.q, gs, gate_up.codes, gate_up.zero, down.q, ds,
+                           down.codes, down.zero) for i in range(x.shape[0])]).to(x.dtype)
+
+
 _kq_scales = _Compiled(kquants.scales)
 _kq_matvec = _Compiled(kquants.matvec)
 _kq_expand = _Compiled(kquants.dequantize)
@@ -185,7 +205,12 @@ def warm_up(layers) -> int:
                 continue
             layouts.add(layout)
             parts = {name: torch.zeros(shape, dtype=DTYPES[dtype]) for name, dtype, shape in layout}
-            for w in expand(parts, torch.float32, cpu_kernels=True).values():
+            weights = expand(parts, torch.float32, cpu_kernels=True)
+            gate_up, down = weights.get("gate_up_proj"), weights.get("down_proj")
+            if isinstance(gate_up, GroupedWeight) and isinstance(down, GroupedWeight):  # the fused expert too
+                cols = gate_up.q.shape[1] * (2 if gate_up.q.dtype == torch.uint8 else 1)
+                silu_mlp(torch.zeros(1, cols), gate_up, down)
+            for w in weights.values():
                 if isinstance(w, GroupedWeight):
                     form = (tuple(w.q.shape), w.q.dtype, tuple(w.scale.shape), w.codes, w.zero is None)
                     cols = w.q.shape[1] * (2 if w.q.dtype == torch.uint8 else 1)

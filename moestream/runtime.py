@@ -27,7 +27,7 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import GroupedWeight, KQuantWeight, warm_up
+from .kernels import MATVEC_ROWS, GroupedWeight, KQuantWeight, silu_mlp, warm_up
 from .native import Fp8Linear
 from .quant import Int8Weight, expand, replace_linears, use_int8_linears
 from .reader import RecordReader
@@ -52,6 +52,7 @@ class LayerSource:
     dtype: torch.dtype
     recorder: TraceRecorder | None = None
     lookahead: tuple[LayerInfo, torch.Tensor] | None = None  # the next MoE layer and its router's weight
+    silu_gated: bool = False  # transformers' default gating (kernels.silu_mlp may compute the expert whole)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQuantWeight, b: torch.Tensor | None,
@@ -61,6 +62,17 @@ def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQua
     else:
         y = x @ w if transposed else F.linear(x, w)
     return y + b if b is not None else y
+
+
+def _silu_gated(module) -> bool:
+    """Experts whose gating is transformers' default (chunk, SiLU(gate) * up), without biases or post-norms:
+    the ones kernels.silu_mlp computes whole."""
+    from transformers.activations import SiLUActivation
+    from transformers.integrations.moe import _default_apply_gate
+
+    return (module.has_gate and not module.has_bias and not module.has_post_expert_norm
+            and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+            and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
 
 
 def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_states: torch.Tensor,
@@ -77,9 +89,13 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
     if input_scaled:
         x = x * scale
     up = "gate_up_proj" if self.has_gate else "up_proj"
-    h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
+    if src.silu_gated and x.shape[0] <= MATVEC_ROWS and isinstance(w[up], GroupedWeight) and isinstance(
+            w["down_proj"], GroupedWeight):  # the whole expert in one compiled call per token
+        y = silu_mlp(x, w[up], w["down_proj"])
+    else:
+        h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
     return tok, y if input_scaled else y * scale
@@ -339,7 +355,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         ahead = None
         if prefetch == "lookahead" and i + 1 < len(names):
             ahead = (layers[names[i + 1]], _router_weight(model, names[i + 1], layers[names[i + 1]].experts))
-        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead)
+        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead,
+                                               _silu_gated(experts[name]))
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)

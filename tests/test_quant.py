@@ -169,14 +169,26 @@ def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeyp
 
 
 def test_int4_store_runs_the_grouped_kernel(stores, monkeypatch):
+    """Decode and short prefills take the whole-expert kernel (kernels.silu_mlp), long prefills the expanded one,
+    and both give the logits of the two-call path."""
+    from moestream import runtime
     from moestream.kernels import GroupedWeight
 
-    calls = []
-    real = GroupedWeight.linear
-    monkeypatch.setattr(GroupedWeight, "linear", lambda self, x: calls.append(x.shape[0]) or real(self, x))
-    with moestream.load(stores["int4"], cache="2MB", device="cpu") as m:
+    fused, linear = [], []
+    real_mlp, real_linear = runtime.silu_mlp, GroupedWeight.linear
+    monkeypatch.setattr(runtime, "silu_mlp", lambda x, g, d: fused.append(x.shape[0]) or real_mlp(x, g, d))
+    monkeypatch.setattr(GroupedWeight, "linear", lambda self, x: linear.append(x.shape[0]) or real_linear(self, x))
+    ids = torch.tensor([list(range(5, 45))])
+    with moestream.load(stores["int4"], cache="2MB", device="cpu", dtype="float32") as m:
         m.generate([1, 2, 3], 3)
-    assert 1 in calls and max(calls) > 1  # one-token decode and multi-token prefill both went through it
+        with torch.no_grad():
+            got = m.model(ids).logits
+        assert 1 in fused and max(linear) > runtime.MATVEC_ROWS
+        for mod in m.model.modules():
+            if hasattr(mod, "_moestream"):
+                mod._moestream.silu_gated = False
+        with torch.no_grad():
+            torch.testing.assert_close(m.model(ids).logits, got, rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
