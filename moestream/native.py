@@ -14,7 +14,9 @@
 scales hidden, `get` dequantises: what the dense part is written from) and hands out each matrix's
 stored parts (`parts`), which expert records keep as they are: `name.fp8` + `name.fp8_scale{bm}x{bn}`,
 `name.fp4` + `name.fp4_scale`, `name.q` + `name.scale`. Stored parts are always [out, in], as upstream
-stores them; `dequantize_part` expands them one expert at a time at use.
+stores them; `dequantize_part` expands them one expert at a time at use (or `grouped_part` keeps them
+compact for the compiled kernels). `Fp8Linear` keeps an FP8 checkpoint's dense linears as stored
+(`convert --dense fp8`).
 """
 
 from __future__ import annotations
