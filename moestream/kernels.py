@@ -191,8 +191,9 @@ def joined(pieces: list) -> GroupedWeight | KQuantWeight | None:
 
 
 def warm_up(layers) -> int:
-    """Compile the one-token kernel for every compact matrix form in these store layers now, at load,
-    rather than inside the first token's time; returns how many forms. Each distinct record layout is
+    """Compile every kernel the compact matrix forms in these store layers use (one token, a chunk, the whole
+    expert) now, at load: not inside the first token's or first long prompt's time, and before the memory
+    plan measures the runtime's own footprint; returns how many forms. Each distinct record layout is
     expanded once from zeros exactly as the runtime expands records, so joined pieces are covered too."""
     from .quant import expand
     from .store import DTYPES
@@ -219,7 +220,8 @@ def warm_up(layers) -> int:
                     cols = w.blocks.shape[1] // kquants.BLOCK_BYTES[w.type_name] * kquants.QK_K
                 else:
                     continue
-                if form not in shapes:
+                if form not in shapes:  # one token (the fused matvec) and a chunk (the compiled expansion)
                     shapes.add(form)
                     w.linear(torch.zeros(1, cols))
+                    w.linear(torch.zeros(MATVEC_ROWS + 1, cols))
     return len(shapes)
