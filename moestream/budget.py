@@ -6,6 +6,7 @@ hold (measured, not guessed) comes off first; the expert cache gets what remains
 
 from __future__ import annotations
 
+import ctypes
 import resource
 from dataclasses import dataclass
 
@@ -44,6 +45,18 @@ def peak_rss_bytes() -> int:
     """Highest resident set size this process reached (VmHWM)."""
     v = _status_kb("VmHWM")
     return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def return_large_frees(threshold: int = 2**20) -> bool:
+    """Have glibc's malloc serve blocks of `threshold` bytes and more from their own mappings, given back
+    to the system when freed; True if set. By default glibc raises that threshold after each large free
+    (up to 32 MiB), after which expert-sized temporaries (an expert expanded for a prefill chunk, 6-13 MB)
+    come from the heap and stay resident after use: 250 MB over the --memory budget measured on a 2 GB run
+    (benchmarks/RESULTS.md). A fixed threshold turns that off. No-op where malloc is not glibc's."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def available_bytes() -> int:

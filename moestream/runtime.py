@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
-from .budget import MemoryPlan, plan_memory
+from .budget import MemoryPlan, plan_memory, return_large_frees
 from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
@@ -301,6 +301,7 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     from .stores import ensure_store
 
     t0 = time.perf_counter()
+    return_large_frees()
     store = ensure_store(str(path), progress=progress)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
