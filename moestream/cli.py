@@ -15,7 +15,7 @@ MODEL is a store made by `moestream convert`, or a checkpoint directory / hub id
 converted on first use into ~/.cache/moestream/stores (or $MOESTREAM_HOME)."""
 
 
-def _budget_args(p: argparse.ArgumentParser, policy: str = "lru") -> None:
+def _budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory")
     g.add_argument("--memory", metavar="SIZE",
                    help="budget for the whole process, e.g. 8GB; dense weights, KV cache and buffers come out of "
@@ -35,8 +35,9 @@ def _budget_args(p: argparse.ArgumentParser, policy: str = "lru") -> None:
                                                    "hottest resident: loaded at start, never evicted")
     g.add_argument("--pin-share", type=float, default=0.5, help="share of the expert cache --pin may take "
                                                                  "(default 0.5)")
-    g.add_argument("--cache-policy", default=policy, choices=["lru", "lfu"],
-                   help=f"which expert to evict: lru or lfu (least frequently used, with aging); default {policy}")
+    g.add_argument("--cache-policy", default="lfu", choices=["lru", "lfu"],
+                   help="which expert to evict: lfu (least frequently used, with aging; the default, measured ahead "
+                        "of lru in benchmarks/RESULTS.md) or lru")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -225,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
                     help="uvicorn's log level (default warning; info logs every request)")
     # lfu: a batch's experts per step can outgrow the cache, and LRU then evicts each expert just
     # before its next use (benchmarks/bench_serve.py: hit rate 1 % under LRU, 25 % under LFU, 8 streams)
-    _budget_args(sv, policy="lfu")
+    _budget_args(sv)
     return ap
 
 

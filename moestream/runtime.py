@@ -27,7 +27,7 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import MATVEC_ROWS, GroupedWeight, KQuantWeight, silu_mlp, warm_up
+from .kernels import MATVEC_ROWS, GroupedWeight, KQuantWeight, silu_mlp, use_matvec_linears, warm_up, warm_up_dense
 from .native import Fp8Linear
 from .quant import Int8Weight, expand, replace_linears, use_int8_linears
 from .reader import RecordReader
@@ -75,16 +75,13 @@ def _silu_gated(module) -> bool:
             and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
 
 
-def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_states: torch.Tensor,
-                   mask: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens routed to expert `e` and their weighted outputs, computed from its stored record."""
+def _expert_output(self, src: LayerSource, record: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weighted outputs of one expert, computed from its stored record, for its tokens `x` [n, hidden]
+    and their routing weights `scale` [n, 1]."""
     w = record_tensors(record, src.info.tensors)
     if src.device.type != "cpu":  # copy the compact form; expand on the device
         w = {k: v.to(src.device, non_blocking=True) for k, v in w.items()}
     w = expand(w, src.dtype, cpu_kernels=CPU_KERNELS and src.device.type == "cpu", transposed=self.is_transposed)
-    pos, tok = torch.where(mask[e])
-    x = hidden_states[tok]
-    scale = top_k_weights[tok, pos, None]
     input_scaled = getattr(self, "input_scaled", False)  # Llama 4 (adapters.py)
     if input_scaled:
         x = x * scale
@@ -98,7 +95,7 @@ def _expert_output(self, src: LayerSource, e: int, record: torch.Tensor, hidden_
         y = _linear(h, w["down_proj"], w.get("down_proj_bias"), self.is_transposed)
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
-    return tok, y if input_scaled else y * scale
+    return y if input_scaled else y * scale
 
 
 def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group: list[int]) -> None:
@@ -123,8 +120,20 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     final = torch.zeros_like(hidden_states)
     if src.recorder is not None:
         src.recorder.record(src.info.layer, top_k_index, top_k_weights)
-    with torch.no_grad():
-        mask = F.one_hot(top_k_index, num_classes=src.info.experts + 1).permute(2, 1, 0)
+    if hidden_states.shape[0] == 1:  # one token (decode): it is every chosen expert's only token
+        slot = {e: i for i, e in enumerate(top_k_index[0].tolist())}
+        every = torch.zeros(1, dtype=torch.long)
+    else:
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=src.info.experts + 1).permute(2, 1, 0)
+
+    def routed(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token indices, their hidden states, their routing weights [n, 1]) for expert e."""
+        if hidden_states.shape[0] == 1:
+            return every, hidden_states, top_k_weights[:, slot[e], None]
+        pos, tok = torch.where(mask[e])
+        return tok, hidden_states[tok], top_k_weights[tok, pos, None]
+
     for i, group in enumerate(request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info))):
         fetch = src.cache.fetch(src.info, group)
         if i == 0 and src.lookahead is not None:
@@ -132,7 +141,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
         for e, record in itertools.chain(fetch.ready.items(), fetch.arrivals()):
-            outs[e] = _expert_output(self, src, e, record, hidden_states, mask, top_k_weights)
+            tok, x, scale = routed(e)
+            outs[e] = tok, _expert_output(self, src, record, x, scale)
         for e in group:  # accumulate in ascending expert order, as transformers' eager loop does: same bits
             tok, y = outs[e]
             final.index_add_(0, tok, y.to(final.dtype))
@@ -291,7 +301,7 @@ class StreamedModel:
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
-         cache_policy: str = "lru", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
+         cache_policy: str = "lfu", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
          pin_share: float = 0.5, sequences: int = 1) -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
@@ -324,6 +334,7 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         if getattr(mod, "moestream_adapted", False):  # not built on the experts interface (adapters.py)
             mod.forward = types.MethodType(experts_forward, mod)
     dense_format = store.meta["quant"].get("dense", "none")
+    matvec = False
     if dense_format == "int8_channel":
         use_int8_linears(model, dtype)
     elif dense_format.startswith("fp8_e4m3_b"):  # --dense fp8: the checkpoint's FP8 linears kept as stored
@@ -333,7 +344,11 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         with safe_open(store.dense_path, "pt") as f:
             names = [k.removesuffix(".fp8") for k in f.keys() if k.endswith(".fp8")]
         replace_linears(model, names, lambda i, o, b: Fp8Linear(i, o, b, dtype, block, device="meta"))
+    elif CPU_KERNELS and device.type == "cpu" and use_matvec_linears(model, dtype):
+        matvec = True
     _fill_dense(model, store, device)
+    if matvec:
+        warm_up_dense(model)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
     policy = make_policy(cache_policy)
     pinned = []

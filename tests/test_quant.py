@@ -228,3 +228,33 @@ def test_dense_int8_is_smaller_and_close(dense_int8_store, stores):
     with moestream.load(stores["exact"], **opts) as ref, moestream.load(dense_int8_store, **opts) as m:
         score = evaluate(m, held_out_text(), ref, window=256, max_tokens=1024)
     assert 0 < score["kl"] < 0.02 and score["top1_agreement"] > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matvec_linear_matches_f_linear(dtype):
+    """The compiled one-token dense product sums the same half-precision products in float32 as F.linear."""
+    from moestream.kernels import MatvecLinear
+
+    torch.manual_seed(0)
+    lin = MatvecLinear(96, 40, bias=True, dtype=dtype)
+    for x in (torch.randn(1, 1, 96, dtype=dtype), torch.randn(3, 96, dtype=dtype)):  # decode, and a chunk
+        want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+        got = lin(x)
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    x = torch.randn(1, 96, dtype=dtype)
+    assert not torch.equal(lin(x), F.linear(x, lin.weight * 0, lin.bias))  # it does multiply
+
+
+def test_bf16_runtime_uses_matvec_linears_with_the_same_tokens(qwen3_store, monkeypatch):
+    """A bf16 load on CPU swaps the dense linears for MatvecLinear; decoding matches F.linear's."""
+    from moestream.kernels import MatvecLinear
+
+    prompt = [5, 17, 42, 8]
+    with moestream.load(qwen3_store, device="cpu", dtype="bfloat16") as m:
+        swapped = [n for n, mod in m.model.named_modules() if isinstance(mod, MatvecLinear)]
+        assert any(n.endswith("self_attn.q_proj") for n in swapped) and any(n.endswith("lm_head") for n in swapped)
+        fast = list(m.stream_ids(prompt, max_new_tokens=8, stop_at_eos=False))
+        monkeypatch.setattr(MatvecLinear, "forward", torch.nn.Linear.forward)
+        plain = list(m.stream_ids(prompt, max_new_tokens=8, stop_at_eos=False))
+    assert fast == plain

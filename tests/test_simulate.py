@@ -186,11 +186,11 @@ def test_pinning_in_runtime_equals_simulator_and_keeps_tokens(qwen3_store, tmp_p
     from moestream.profile import ProfileError, hottest, profile_from_trace
 
     budget = expert_bytes(qwen3_store) // 3
-    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True) as m:
+    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy="lru") as m:
         plain = [list(m.stream_ids(p, max_new_tokens=10, stop_at_eos=False)) for p in PROMPTS]
         trace = Trace.load(m.save_trace(tmp_path / "t.npz"))
     profile = profile_from_trace(trace)
-    with moestream.load(qwen3_store, cache=budget, device="cpu", pin=profile, pin_share=0.5) as m:
+    with moestream.load(qwen3_store, cache=budget, device="cpu", pin=profile, pin_share=0.5, cache_policy="lru") as m:
         keys = hottest(profile, budget // 2, {int(l): int(b) for l, b in zip(trace.layers, trace.record_bytes)})
         assert keys and all(k in m.cache.entries for k in keys)
         pinned = [list(m.stream_ids(p, max_new_tokens=10, stop_at_eos=False)) for p in PROMPTS]
