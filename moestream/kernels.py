@@ -110,6 +110,19 @@ _matvec = _Compiled(grouped_matvec)
 # token and matrix against ~3 ms to expand a Qwen3-30B-sized one: benchmarks/bench_kernels.py)
 MATVEC_ROWS = 8
 _expand = _Compiled(grouped_expand)
+# For more tokens the matrix is expanded this many float32 bytes of rows at a time: under the malloc mmap
+# threshold budget.return_large_frees pins (1 MiB), so these temporaries are recycled by the heap instead
+# of each being a fresh mapping the kernel must fault in and zero (a whole 1536x2048 expansion at once
+# measured 13 ms that way against 1.8 ms from the heap), and never a large block for the heap to fragment.
+EXPAND_BYTES = 2**19
+
+
+def chunked_linear(x: torch.Tensor, rows: int, cols: int, expand_rows) -> torch.Tensor:
+    """x [tokens, cols] times a [rows, cols] matrix transposed, expanding EXPAND_BYTES of its rows at a
+    time: `expand_rows(i, j)` gives rows i..j-1 in float32."""
+    step = max(1, EXPAND_BYTES // (cols * 4))
+    return torch.cat([F.linear(x, expand_rows(i, min(i + step, rows)).to(x.dtype)) for i in range(0, rows, step)],
+                     dim=-1)
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,9 @@ class GroupedWeight:
             xf = x.to(torch.float32)
             return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale, self.codes, self.zero)
                               for i in range(x.shape[0])]).to(x.dtype)
-        return F.linear(x, self.expanded(x.dtype))
+        zero = self.zero
+        return chunked_linear(x, self.q.shape[0], x.shape[1], lambda i, j: _expand(
+            self.q[i:j], scale[i:j], torch.float32, self.codes, None if zero is None else zero[i:j]))
 
     def expanded(self, dtype: torch.dtype) -> torch.Tensor:
         return _expand(self.q, self.scale.to(torch.float32), torch.float32, self.codes, self.zero).to(dtype)
@@ -174,7 +189,8 @@ class KQuantWeight:
             xf = x.to(torch.float32)
             return torch.cat([_kq_matvec(xf[i:i + 1].contiguous(), self.blocks, scale, minus, self.type_name)
                               for i in range(x.shape[0])]).to(x.dtype)
-        return F.linear(x, self.expanded(x.dtype))
+        return chunked_linear(x, self.blocks.shape[0], x.shape[1],
+                              lambda i, j: _kq_expand(self.blocks[i:j], self.type_name))
 
     def expanded(self, dtype: torch.dtype) -> torch.Tensor:
         return _kq_expand(self.blocks, self.type_name).to(dtype)

@@ -26,11 +26,14 @@ def checksum(data) -> str:
 
 
 class AlignedBuffer:
-    """Page-aligned host memory (anonymous mmap) as O_DIRECT requires, seen as a uint8 tensor."""
+    """Page-aligned host memory (anonymous mmap) as O_DIRECT requires, seen as a uint8 tensor.
+
+    A private mapping, not mmap's default shared one: shared anonymous pages are shmem, which this project's
+    VMs faulted in about 6x slower (1 GB in 2.7 s against 0.45 s, benchmarks/RESULTS.md)."""
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.mm = mmap.mmap(-1, nbytes)
+        self.mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
         self.tensor = torch.frombuffer(self.mm, dtype=torch.uint8)
 
 

@@ -321,10 +321,11 @@ def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-def test_kquant_kernels_equal_gguf_py(qtype):
+def test_kquant_kernels_equal_gguf_py(qtype, monkeypatch):
     """The torch K-quant dequantiser gives gguf-py's values bit for bit; the compiled one-token kernel (and the
-    joined gate/up pieces) compute F.linear on them, for 1, 3 and 20 tokens."""
-    from moestream import kquants
+    joined gate/up pieces) compute F.linear on them, for 1, 3 and 20 tokens (20 expanded whole, and 7 rows
+    at a time)."""
+    from moestream import kernels, kquants
     from moestream.kernels import KQuantWeight, joined
 
     blocks = random_blocks(np.zeros((48, 512), dtype=np.float32), Q[qtype])
@@ -335,5 +336,7 @@ def test_kquant_kernels_equal_gguf_py(qtype):
     for tokens in (1, 3, 20):
         x = torch.randn(tokens, 512)
         torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(kernels, "EXPAND_BYTES", 7 * 512 * 4)
+    torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
     x = torch.randn(2, 512)
     torch.testing.assert_close(joined([w, w]).linear(x), torch.cat([x @ want.T] * 2, dim=1), rtol=1e-5, atol=1e-4)

@@ -164,6 +164,9 @@ def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeyp
     weight = GroupedWeight(q, scale, "uint4" if zero is not None else "int4",
                            None if zero is None else zero.to(torch.float32))
     torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
+    if tokens > kernels.MATVEC_ROWS:  # the expanded path, also ten rows at a time (the last chunk shorter)
+        monkeypatch.setattr(kernels, "EXPAND_BYTES", 10 * 128 * 4)
+        torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(kernels._Compiled, "failed", "simulated: no compiler")
     torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
 
