@@ -240,7 +240,8 @@ def moestream_run(store: Path, cap: int | None, tokens: int, temperature: float,
         except (OSError, json.JSONDecodeError):
             return {"error": r.stderr[-1500:], "cgroup": cg}
         io = stats["prefill"], stats["decode"]
-        return {"decode_tps": stats["decode_tps"], "prefill_tps": stats["prefill_tps"],
+        return {"load_seconds": stats["load_seconds"], "decode_tps": stats["decode_tps"],
+                "prefill_tps": stats["prefill_tps"],
                 "ttft_seconds": stats["ttft_seconds"], "decode_bytes_per_token": stats["decode_bytes_per_token"],
                 "hit_rate": stats["hit_rate"], "read_mb_s": stats["read_mb_s"], "io_wait_share": stats["io_wait_share"],
                 "peak_rss": stats["peak_rss"], "cache_budget": stats["cache_budget"], "cgroup": cg,
@@ -365,27 +366,28 @@ def table(result: dict) -> list[str]:
              f"{result.get('fresh_memory_gbps', float('nan')):.2f} GB/s. "
              f"Command: `{result['command']}`.", "",
              "| cap | engine | decode tok/s | × llama.cpp best | MB read / token | hit rate | I/O ceiling tok/s "
-             "(share) | TTFT s | peak RSS | cgroup |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(share) | load s | TTFT s | peak RSS | cgroup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         m, ll = row["moestream"], row["llama"]
         best = max((r["decode_tps"] for r in ll.values() if "decode_tps" in r), default=None)
         ratio = lambda tps: f"{tps / best:.2f}" if best else "—"  # noqa: E731
         if "error" in m:
-            lines.append(f"| {row['cap']} | moestream | error: {m['error'][-120:]!r} | | | | | | | |")
+            lines.append(f"| {row['cap']} | moestream | error: {m['error'][-120:]!r} | | | | | | | | |")
         else:
             ceiling = (f"{m['io_ceiling_tps']:.2f} ({100 * m['share_of_io_ceiling']:.0f} %)"
                        if "io_ceiling_tps" in m else "—")
             lines.append(f"| {row['cap']} | moestream | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
                          f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | "
-                         f"{m['ttft_seconds']:.2f} | {m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
+                         f"{m.get('load_seconds', float('nan')):.2f} | {m['ttft_seconds']:.2f} | {m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
         for ra, r in ll.items():
             label = f"llama.cpp, read-ahead {ra} KiB" if row["cap_bytes"] else "llama.cpp (warm page cache)"
             if "error" in r:
-                lines.append(f"| {row['cap']} | {label} | error: {r['error'][-120:]!r} | | | | | | | |")
+                lines.append(f"| {row['cap']} | {label} | error: {r['error'][-120:]!r} | | | | | | | | |")
                 continue
             lines.append(f"| {row['cap']} | {label} | {r['decode_tps']:.2f} | {ratio(r['decode_tps'])} | "
-                         f"{r['decode_bytes_per_token'] / 1e6:.1f} | — | — | {r['ttft_seconds']:.2f} | "
+                         f"{r['decode_bytes_per_token'] / 1e6:.1f} | — | — | {r['load_seconds']:.2f} | "
+                         f"{r['ttft_seconds']:.2f} | "
                          f"{r['peak_rss'] / 2**30:.2f} GiB | {r['cgroup'] or 'none'} |")
     return lines
 

@@ -35,6 +35,9 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
                                                    "hottest resident: loaded at start, never evicted")
     g.add_argument("--pin-share", type=float, default=0.5, help="share of the expert cache --pin may take "
                                                                  "(default 0.5)")
+    g.add_argument("--lazy-cache", action="store_true",
+                   help="allocate the expert cache as it fills instead of at load: a faster start, slower first "
+                        "tokens where fresh memory is slow to come by (VMs)")
     g.add_argument("--cache-policy", default="lfu", choices=["lru", "lfu"],
                    help="which expert to evict: lfu (least frequently used, with aging; the default, measured ahead "
                         "of lru in benchmarks/RESULTS.md) or lru")
@@ -241,7 +244,7 @@ def _run(args, model_path: str, chat) -> int:
     m = load(model_path, memory=args.memory, cache=cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
              cache_policy=args.cache_policy, trace=bool(args.trace), prefetch=args.prefetch, pin=args.pin,
-             pin_share=args.pin_share)
+             pin_share=args.pin_share, reserve=not args.lazy_cache)
     try:
         if m.reader.fallback_reason:
             print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
@@ -275,7 +278,8 @@ def _serve(args) -> int:
     path = args.model or str(bundled_model())
     m = load(path, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype, verify=args.verify,
              threads=args.threads, direct=not args.no_direct, context=args.context, cache_policy=args.cache_policy,
-             prefetch=args.prefetch, pin=args.pin, pin_share=args.pin_share, sequences=args.max_batch)
+             prefetch=args.prefetch, pin=args.pin, pin_share=args.pin_share, sequences=args.max_batch,
+             reserve=not args.lazy_cache)
     engine = Engine(m, max_batch=args.max_batch, max_queue=args.max_queue)
     try:
         from .stores import is_hub_id
@@ -329,7 +333,7 @@ def _trace(args, out: str | None = None) -> int:
     m = load(args.model, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
              cache_policy=args.cache_policy, trace=True, prefetch=args.prefetch, pin=args.pin,
-             pin_share=args.pin_share)
+             pin_share=args.pin_share, reserve=not args.lazy_cache)
     out = out or args.out
     try:
         from tqdm import tqdm
@@ -441,7 +445,7 @@ def _eval(args) -> int:
     from .runtime import load
 
     opts = dict(memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype, verify=args.verify,
-                threads=args.threads, direct=not args.no_direct, context=args.window)
+                threads=args.threads, direct=not args.no_direct, context=args.window, reserve=not args.lazy_cache)
     text = Path(args.text).read_text()
     with load(args.model, **opts) as m:
         ref = load(args.against, **opts) if args.against else None

@@ -29,11 +29,12 @@ class AlignedBuffer:
     """Page-aligned host memory (anonymous mmap) as O_DIRECT requires, seen as a uint8 tensor.
 
     A private mapping, not mmap's default shared one: shared anonymous pages are shmem, which this project's
-    VMs faulted in about 6x slower (1 GB in 2.7 s against 0.45 s, benchmarks/RESULTS.md)."""
+    VMs faulted in about 6x slower (1 GB in 2.7 s against 0.45 s, benchmarks/RESULTS.md). `populate`: fault
+    every page in now (ExpertCache.reserve)."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, populate: bool = False):
         self.nbytes = nbytes
-        self.mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+        self.mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0))
         self.tensor = torch.frombuffer(self.mm, dtype=torch.uint8)
 
 
@@ -102,8 +103,8 @@ class RecordReader:
                 )
         return time.perf_counter() - t0
 
-    def buffer(self, nbytes: int) -> AlignedBuffer:
-        return AlignedBuffer(nbytes)
+    def buffer(self, nbytes: int, populate: bool = False) -> AlignedBuffer:
+        return AlignedBuffer(nbytes, populate)
 
     def submit(self, info: LayerInfo, expert: int, buf: AlignedBuffer) -> Future:
         return self.pool.submit(self.read, info, expert, buf)

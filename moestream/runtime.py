@@ -302,11 +302,12 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
          cache_policy: str = "lfu", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
-         pin_share: float = 0.5, sequences: int = 1) -> StreamedModel:
+         pin_share: float = 0.5, sequences: int = 1, reserve: bool = True) -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
     `sequences` KV caches of `context` tokens are reserved within `memory` (a server's batch).
+    `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
     """
     from .stores import ensure_store
 
@@ -359,6 +360,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         pinned = hottest(profile, int(plan.cache * pin_share), {i.layer: i.record_bytes for i in store.layers})
         policy = Pinned(policy, pinned)
     expert_cache = ExpertCache(reader, plan.cache, policy)
+    if reserve:
+        expert_cache.reserve(store.layers)
     expert_cache.preload(store.layers, pinned)
     recorder = None
     if trace:

@@ -29,7 +29,7 @@ class _Slot:
 
 
 class NullReader:
-    def buffer(self, nbytes: int) -> _Slot:
+    def buffer(self, nbytes: int, populate: bool = False) -> _Slot:
         return _Slot(nbytes)
 
     def submit(self, info, expert, buf) -> Future:

@@ -276,3 +276,19 @@ def test_large_temporaries_are_given_back_after_use():
         t = torch.empty(mb * 2**20 // 4).fill_(1.0)
         del t
     assert rss_bytes() - before < 4 * 2**20
+
+
+def test_cache_buffers_reserved_at_load_and_reused(qwen3_store, monkeypatch):
+    """The whole budget's record buffers are made at load; decoding then allocates no new one."""
+    budget = expert_bytes(qwen3_store) // 3
+    with moestream.load(qwen3_store, cache=budget, device="cpu") as m:
+        record = m.store.layers[0].record_bytes
+        assert len(m.cache.spare) == budget // record
+        made = []
+        real = m.reader.buffer
+        monkeypatch.setattr(m.reader, "buffer", lambda n, populate=False: made.append(n) or real(n, populate))
+        list(m.stream_ids([5, 17, 42, 8], max_new_tokens=6, stop_at_eos=False))
+        assert m.cache.total().misses > 0 and made == []
+        assert m.cache.used + sum(b.nbytes for b in m.cache.spare) <= budget
+    with moestream.load(qwen3_store, cache=budget, device="cpu", reserve=False) as m:
+        assert m.cache.spare == []
