@@ -51,8 +51,8 @@ def return_large_frees(threshold: int = 2**20) -> bool:
     """Have glibc's malloc serve blocks of `threshold` bytes and more from their own mappings, given back
     to the system when freed; True if set. By default glibc raises that threshold after each large free
     (up to 32 MiB), after which expert-sized temporaries (an expert expanded for a prefill chunk, 6-13 MB)
-    come from the heap and stay resident after use: 250 MB over the --memory budget measured on a 2 GB run
-    (benchmarks/RESULTS.md). A fixed threshold turns that off. No-op where malloc is not glibc's."""
+    come from the heap and stay resident after use: anonymous memory 230 MB higher and a 2.08 GB run
+    140 MB over its --memory budget (benchmarks/RESULTS.md). A fixed threshold turns that off. No-op where malloc is not glibc's."""
     try:
         return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
 import torch
@@ -78,9 +78,7 @@ class ExpertCache:
             return 0
         size = sizes.pop()
         have = self.used + sum(b.nbytes for b in self.spare)
-        with ThreadPoolExecutor(4) as pool:  # faulting pages in is the kernel's work: several threads go faster
-            self.spare += list(pool.map(lambda _: self.reader.buffer(size, populate=True),
-                                        range((self.budget - have) // size)))
+        self.spare += [self.reader.buffer(size, populate=True) for _ in range((self.budget - have) // size)]
         return len(self.spare)
 
     def capacity(self, info: LayerInfo) -> int:

@@ -207,8 +207,8 @@ _dense = _Compiled(dense_matvec)
 class MatvecLinear(torch.nn.Linear):
     """nn.Linear with half-precision weights whose one-token calls (decode) on CPU run the compiled
     dense_matvec: the same products summed in float32 as F.linear, in another order. Measured here on
-    a 4096x2048 bf16 matrix: 0.62 ms against 0.94 ms for F.linear; a whole decode token of a 24-layer
-    model went from 210 to 157 ms (benchmarks/RESULTS.md)."""
+    a 4096x2048 bf16 matrix: 0.62 ms against 0.94 ms for F.linear; a resident decode token of
+    bench_decode's 24-layer model went from 210 to 152-155 ms (issue 4's note)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.shape[:-1].numel() != 1:

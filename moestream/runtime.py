@@ -120,7 +120,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     final = torch.zeros_like(hidden_states)
     if src.recorder is not None:
         src.recorder.record(src.info.layer, top_k_index, top_k_weights)
-    if hidden_states.shape[0] == 1:  # one token (decode): it is every chosen expert's only token
+    one = hidden_states.shape[0] == 1  # one token (decode): it is every chosen expert's only token
+    if one:
         slot = {e: i for i, e in enumerate(top_k_index[0].tolist())}
         every = torch.zeros(1, dtype=torch.long)
     else:
@@ -129,7 +130,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
     def routed(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token indices, their hidden states, their routing weights [n, 1]) for expert e."""
-        if hidden_states.shape[0] == 1:
+        if one:
             return every, hidden_states, top_k_weights[:, slot[e], None]
         pos, tok = torch.where(mask[e])
         return tok, hidden_states[tok], top_k_weights[tok, pos, None]
