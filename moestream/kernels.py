@@ -10,6 +10,9 @@ and the dot product into one C++ loop that reads the compact bytes once (measure
 token up to MATVEC_ROWS tokens; for more the matrix is expanded once by a fused kernel and
 multiplied with F.linear.
 
+On AVX-512 CPUs the one-token int4 / e2m1 products go to hand-written C kernels instead (ckernels.py:
+about half the compiled kernel's time per expert), and decode reads experts straight from their records.
+
 The dense weights (bf16 or fp16) get the same treatment for one token: torch's half-precision gemv
 reaches 13-18 GB/s here, a compiled row-dot summing in float32 27-33 GB/s (MatvecLinear).
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import kquants
+from . import ckernels, kquants
 
 
 def _nibble(n: torch.Tensor, codes: str) -> torch.Tensor:
@@ -138,11 +141,15 @@ class GroupedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         # float32 in, float32 out of the compiled graphs: inductor stops vectorising when bf16 and fp16
         # meet in one kernel (measured 5x slower with bf16 activations and fp16 GGUF scales)
-        scale = self.scale.to(torch.float32)
         if x.shape[0] <= MATVEC_ROWS:  # a few tokens (most experts in a prefill chunk or a batch): row by row
             xf = x.to(torch.float32)
+            if ckernels.takes(self):
+                return torch.cat([ckernels.matvec(xf[i:i + 1].contiguous(), self)
+                                  for i in range(x.shape[0])]).to(x.dtype)
+            scale = self.scale.to(torch.float32)
             return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale, self.codes, self.zero)
                               for i in range(x.shape[0])]).to(x.dtype)
+        scale = self.scale.to(torch.float32)
         zero = self.zero
         return chunked_linear(x, self.q.shape[0], x.shape[1], lambda i, j: _expand(
             self.q[i:j], scale[i:j], torch.float32, self.codes, None if zero is None else zero[i:j]))
@@ -163,9 +170,13 @@ _mlp = _Compiled(grouped_mlp)
 
 
 def silu_mlp(x: torch.Tensor, gate_up: GroupedWeight, down: GroupedWeight) -> torch.Tensor:
-    """x [tokens <= MATVEC_ROWS, hidden] through a SiLU-gated expert kept compact (grouped_mlp per token):
-    measured 0.33 against 0.40 ms per Qwen3-30B-sized int4 expert for the two-call path."""
+    """x [tokens <= MATVEC_ROWS, hidden] through a SiLU-gated expert kept compact, one call per token: the C
+    kernel where it takes the weights, else grouped_mlp (measured 0.33 against 0.40 ms per Qwen3-30B-sized int4
+    expert for the two-call path)."""
     xf = x.to(torch.float32)
+    if gate_up.codes == down.codes == "int4" and ckernels.takes(gate_up) and ckernels.takes(down):
+        return torch.cat([ckernels.silu_mlp(xf[i:i + 1].contiguous(), gate_up, down)
+                          for i in range(x.shape[0])]).to(x.dtype)
     gs, ds = gate_up.scale.to(torch.float32), down.scale.to(torch.float32)
     return torch.cat([_mlp(xf[i:i + 1].contiguous(), gate_up.q, gs, gate_up.codes, gate_up.zero, down.q, ds,
                            down.codes, down.zero) for i in range(x.shape[0])]).to(x.dtype)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
+from . import ckernels
 from .budget import MemoryPlan, plan_memory, return_large_frees
 from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
@@ -53,6 +54,7 @@ class LayerSource:
     recorder: TraceRecorder | None = None
     lookahead: tuple[LayerInfo, torch.Tensor] | None = None  # the next MoE layer and its router's weight
     silu_gated: bool = False  # transformers' default gating (kernels.silu_mlp may compute the expert whole)
+    layout: ckernels.ExpertLayout | None = None  # one token's experts computed straight from record bytes
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQuantWeight, b: torch.Tensor | None,
@@ -139,9 +141,19 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         fetch = src.cache.fetch(src.info, group)
         if i == 0 and src.lookahead is not None:
             _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)
-        outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
-        for e, record in itertools.chain(fetch.ready.items(), fetch.arrivals()):
+        landed = itertools.chain(fetch.ready.items(), fetch.arrivals())
+        if one and src.layout is not None:  # straight from the records' bytes; the same sums as the loop below
+            x32, row = hidden_states.to(torch.float32).view(-1), {e: j for j, e in enumerate(group)}
+            ys = torch.empty(len(group), x32.shape[0])
+            for e, record in landed:
+                ckernels.record_mlp(record, src.layout, x32, ys[row[e]])
+            ys = ys.to(hidden_states.dtype) * top_k_weights[0, [slot[e] for e in group], None]
+            for j in range(len(group)):  # ascending expert order
+                final += ys[j]
+            continue
+        outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for e, record in landed:
             tok, x, scale = routed(e)
             outs[e] = tok, _expert_output(self, src, record, x, scale)
         for e in group:  # accumulate in ascending expert order, as transformers' eager loop does: same bits
@@ -375,8 +387,11 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         ahead = None
         if prefetch == "lookahead" and i + 1 < len(names):
             ahead = (layers[names[i + 1]], _router_weight(model, names[i + 1], layers[names[i + 1]].experts))
-        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead,
-                                               _silu_gated(experts[name]))
+        gated = _silu_gated(experts[name])
+        layout = (ckernels.expert_layout(layers[name].tensors) if gated and device.type == "cpu" and CPU_KERNELS
+                  and not experts[name].is_transposed and not getattr(experts[name], "input_scaled", False) else None)
+        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead, gated,
+                                               layout)
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)

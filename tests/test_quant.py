@@ -78,17 +78,21 @@ def test_int4z_round_trip_and_error_bound():
     assert (back[0] - w[0]).abs().mean() < (sym[0] - w[0]).abs().mean()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4z"])
+@pytest.mark.parametrize("scheme", ["int8", "int4z", "int4"])
 def test_quantised_store_computes_exactly_its_dequantised_weights(scheme, stores, monkeypatch):
-    """The runtime's compact path (torch's packed int8 matmul, or the compiled int4z kernel) equals
-    transformers' model holding the same dequantised weights."""
-    from moestream.kernels import GroupedWeight
+    """The runtime's compact path (torch's packed int8 matmul, the compiled int4z kernel, int4's whole-expert
+    kernels) equals transformers' model holding the same dequantised weights, in a prefill and in each
+    one-token step."""
+    from transformers import DynamicCache
+
+    from moestream import kernels, runtime
     from moestream.quant import Int8Weight
 
     calls = []
-    cls = Int8Weight if scheme == "int8" else GroupedWeight
-    real = cls.linear
-    monkeypatch.setattr(cls, "linear", lambda self, x: calls.append(1) or real(self, x))
+    cls, fn = {"int8": (Int8Weight, "linear"), "int4z": (kernels.GroupedWeight, "linear"),
+               "int4": (runtime, "silu_mlp")}[scheme]
+    real = getattr(cls, fn)
+    monkeypatch.setattr(cls, fn, lambda *a: calls.append(1) or real(*a))
     ref = AutoModelForCausalLM.from_pretrained(bundled_model(), experts_implementation="eager",
                                                dtype=torch.float32).eval()
     with torch.no_grad():
@@ -104,7 +108,10 @@ def test_quantised_store_computes_exactly_its_dequantised_weights(scheme, stores
     with moestream.load(stores[scheme], cache=budget, dtype="float32", device="cpu") as m:
         with torch.no_grad():
             assert (ref(ids).logits - m.model(ids).logits).abs().max().item() <= 1e-4
-            list(m.stream_ids([5, 300], max_new_tokens=2, stop_at_eos=False))  # one-token steps too
+            caches = DynamicCache(config=ref.config), DynamicCache(config=m.model.config)
+            for i in range(ids.shape[1]):  # one-token steps (decode), each against the reference's
+                want, got = (model(ids[:, i:i + 1], past_key_values=c).logits for model, c in zip((ref, m.model), caches))
+                assert (want - got).abs().max().item() <= 1e-4
         assert m.cache.total().evictions > 0
     assert calls  # the compact kernel did the work
 
@@ -172,26 +179,31 @@ def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeyp
 
 
 def test_int4_store_runs_the_grouped_kernel(stores, monkeypatch):
-    """Decode and short prefills take the whole-expert kernel (kernels.silu_mlp), long prefills the expanded one,
-    and both give the logits of the two-call path."""
-    from moestream import runtime
+    """Decode takes the kernel reading each expert straight from its record (ckernels.record_mlp, where the C
+    kernels build), short prefills the whole-expert kernel (kernels.silu_mlp), long prefills the expanded one;
+    all give the logits of the two-call path, and decode without the C kernels the same tokens."""
+    from moestream import ckernels, runtime
     from moestream.kernels import GroupedWeight
 
-    fused, linear = [], []
-    real_mlp, real_linear = runtime.silu_mlp, GroupedWeight.linear
+    fused, linear, record = [], [], []
+    real_mlp, real_linear, real_record = runtime.silu_mlp, GroupedWeight.linear, ckernels.record_mlp
     monkeypatch.setattr(runtime, "silu_mlp", lambda x, g, d: fused.append(x.shape[0]) or real_mlp(x, g, d))
     monkeypatch.setattr(GroupedWeight, "linear", lambda self, x: linear.append(x.shape[0]) or real_linear(self, x))
+    monkeypatch.setattr(ckernels, "record_mlp", lambda *a: record.append(1) or real_record(*a))
     ids = torch.tensor([list(range(5, 45))])
     with moestream.load(stores["int4"], cache="2MB", device="cpu", dtype="float32") as m:
-        m.generate([1, 2, 3], 3)
+        tokens = list(m.stream_ids([1, 2, 3], 6, stop_at_eos=False))
+        assert bool(record) == ckernels.available()
         with torch.no_grad():
             got = m.model(ids).logits
         assert 1 in fused and max(linear) > runtime.MATVEC_ROWS
         for mod in m.model.modules():
             if hasattr(mod, "_moestream"):
-                mod._moestream.silu_gated = False
+                mod._moestream.silu_gated, mod._moestream.layout = False, None
         with torch.no_grad():
             torch.testing.assert_close(m.model(ids).logits, got, rtol=0, atol=1e-4)
+        monkeypatch.setattr(ckernels, "_lib", None)  # torch's kernels only
+        assert list(m.stream_ids([1, 2, 3], 6, stop_at_eos=False)) == tokens
 
 
 @pytest.fixture(scope="module")

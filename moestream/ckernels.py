@@ -1,0 +1,182 @@
+"""Hand-written AVX-512 kernels for one token through 4-bit group-quantised experts (ckernels.c).
+
+torch.compile's fused int4 matvec reaches ~15 G weights/s on this project's 2-core machines; the
+C kernels here do an expert in about half its time (benchmarks/bench_kernels.py), which is most of a
+resident decode token. They are built at first use with the machine's C compiler (`$CC`, else
+`cc`) into a cache folder (`$MOESTREAM_CACHE`, else ~/.cache/moestream) keyed by source, flags and
+CPU, and loaded with ctypes. Where there is no AVX-512, no compiler, or the build fails, `available()`
+is False and kernels.py computes the same products with its compiled torch kernels (a failed
+build is reported once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ckernels.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# value of each 4-bit code: int4 (code - 8), e2m1 (sign, 2 exponent bits, 1 mantissa bit)
+TABLES = {"int4": torch.arange(-8, 8, dtype=torch.float32),
+          "e2m1": torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_key() -> str:
+    """The CPU's identity for the cache key: -march=native code is only valid where it was built."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), info[:4096])
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
+def _build() -> Path:
+    """The shared library, compiled now unless the cache holds it (written to a temporary name and
+    renamed, so concurrent builds never load a half-written file)."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MOESTREAM_CACHE", Path.home() / ".cache" / "moestream"))
+    lib = root / "kernels" / f"ckernels-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if not _x86():  # AVX-512 only: elsewhere nothing to build
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip().splitlines()[0] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+        print(f"note: C kernels unavailable, using the compiled torch ones ({detail})", file=sys.stderr)
+        return None
+    if not lib.ckernels_available():  # built without AVX-512: nothing to gain over torch's kernels
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.ckernels_group_ok.argtypes = [i]
+    lib.ckernels_matvec.argtypes = [p, p, i, i, i, i, p, p, p, i]
+    lib.ckernels_matvec.restype = None
+    lib.ckernels_silu_mlp.argtypes = [p, p, i, i, p, p, i, i, i, i, p, p, p, i]
+    lib.ckernels_silu_mlp.restype = None
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def takes(w) -> bool:
+    """Whether these kernels compute GroupedWeight `w`: 4-bit int4/e2m1 codes without zero points, a scale
+    dtype they read, groups of a multiple of 32, contiguous parts."""
+    lib = _load()
+    if lib is None or w.q.dtype != torch.uint8 or w.codes not in TABLES or w.zero is not None:
+        return False
+    cols = w.q.shape[1] * 2
+    return (w.scale.dtype in SCALE_KINDS and cols % w.scale.shape[1] == 0
+            and bool(lib.ckernels_group_ok(cols // w.scale.shape[1]))
+            and w.q.is_contiguous() and w.scale.is_contiguous())
+
+
+def matvec(x: torch.Tensor, w) -> torch.Tensor:
+    """x [1, cols] float32 contiguous times `w` (takes(w)) transposed: [1, rows] float32."""
+    rows, cols = w.q.shape[0], w.q.shape[1] * 2
+    y = torch.empty(1, rows)
+    _lib.ckernels_matvec(w.q.data_ptr(), w.scale.data_ptr(), SCALE_KINDS[w.scale.dtype], rows, cols,
+                         cols // w.scale.shape[1], TABLES[w.codes].data_ptr(), x.data_ptr(), y.data_ptr(),
+                         torch.get_num_threads())
+    return y
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a SiLU-gated int4 expert's parts lie in its store record (byte offsets of gate_up's codes and
+    scales, then down's), with what ckernels_silu_mlp needs to read them: decode computes straight from
+    the record's bytes, with no views or weight objects per expert."""
+
+    offsets: tuple[int, int, int, int]
+    kinds: tuple[int, int]
+    groups: tuple[int, int]
+    hidden: int
+    inter: int
+
+
+def expert_layout(slots) -> ExpertLayout | None:
+    """The layout of records made of exactly gate_up_proj and down_proj as int4 codes and group scales
+    (store.TensorSlot list), when these kernels compute them; else None."""
+    if _load() is None:
+        return None
+    parts = {s.name: s for s in slots}
+    if set(parts) != {"gate_up_proj.q", "gate_up_proj.scale", "down_proj.q", "down_proj.scale"}:
+        return None
+    gq, gs, dq, ds = (parts[n] for n in ("gate_up_proj.q", "gate_up_proj.scale", "down_proj.q", "down_proj.scale"))
+    dtypes = {str(d).removeprefix("torch."): k for d, k in SCALE_KINDS.items()}
+    if gq.dtype != "uint8" or dq.dtype != "uint8" or gs.dtype not in dtypes or ds.dtype not in dtypes:
+        return None
+    (rows, half), (hidden, dhalf) = gq.shape, dq.shape
+    inter = rows // 2
+    if (rows % 2 or 2 * half != hidden or 2 * dhalf != inter or gs.shape[0] != rows or ds.shape[0] != hidden
+            or hidden % gs.shape[1] or inter % ds.shape[1]):
+        return None
+    groups = (hidden // gs.shape[1], inter // ds.shape[1])
+    if not all(_lib.ckernels_group_ok(g) for g in groups):
+        return None
+    return ExpertLayout((gq.offset, gs.offset, dq.offset, ds.offset), (dtypes[gs.dtype], dtypes[ds.dtype]), groups,
+                        hidden, inter)
+
+
+def _silu_mlp(ptrs: tuple[int, int, int, int], kinds, groups, hidden: int, inter: int, x: torch.Tensor,
+              y: torch.Tensor) -> None:
+    _lib.ckernels_silu_mlp(ptrs[0], ptrs[1], kinds[0], groups[0], ptrs[2], ptrs[3], kinds[1], groups[1], hidden,
+                           inter, TABLES["int4"].data_ptr(), x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+
+
+def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One token x [hidden] float32 through the expert stored in `record` (uint8, `layout`), into y [hidden]
+    float32 (both contiguous)."""
+    base = record.data_ptr()
+    _silu_mlp(tuple(base + o for o in layout.offsets), layout.kinds, layout.groups, layout.hidden, layout.inter,
+              x, y)
+
+
+def silu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """x [1, hidden] float32 contiguous through a SiLU-gated int4 expert (takes() both): [1, hidden]."""
+    inter, hidden = gate_up.q.shape[0] // 2, down.q.shape[0]
+    y = torch.empty(1, hidden)
+    _silu_mlp((gate_up.q.data_ptr(), gate_up.scale.data_ptr(), down.q.data_ptr(), down.scale.data_ptr()),
+              (SCALE_KINDS[gate_up.scale.dtype], SCALE_KINDS[down.scale.dtype]),
+              (hidden // gate_up.scale.shape[1], inter // down.scale.shape[1]), hidden, inter, x, y)
+    return y
