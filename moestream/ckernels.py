@@ -91,6 +91,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_matvec.restype = None
     lib.ckernels_silu_mlp.argtypes = [p, p, i, i, p, p, i, i, i, i, p, p, p, i]
     lib.ckernels_silu_mlp.restype = None
+    lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i]
+    lib.ckernels_dense_matvec.restype = None
     _lib = lib
     return lib
 
@@ -109,6 +111,19 @@ def takes(w) -> bool:
     return (w.scale.dtype in SCALE_KINDS and cols % w.scale.shape[1] == 0
             and bool(lib.ckernels_group_ok(cols // w.scale.shape[1]))
             and w.q.is_contiguous() and w.scale.is_contiguous())
+
+
+def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x [1, cols] times a dense bf16 / fp16 w [rows, cols] of x's dtype transposed, summed in float32:
+    [1, rows] float32; None where these kernels do not take them (then the caller computes it)."""
+    if (_load() is None or w.dtype not in (torch.bfloat16, torch.float16) or x.dtype != w.dtype
+            or not w.is_contiguous()):
+        return None
+    x = x.contiguous()
+    y = torch.empty(1, w.shape[0])
+    _lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
+                               y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def matvec(x: torch.Tensor, w) -> torch.Tensor:

@@ -28,7 +28,8 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import MATVEC_ROWS, GroupedWeight, KQuantWeight, silu_mlp, use_matvec_linears, warm_up, warm_up_dense
+from .kernels import (MATVEC_ROWS, GroupedWeight, KQuantWeight, silu_mlp, use_matvec_linears, use_matvec_routers,
+                      warm_up, warm_up_dense)
 from .native import Fp8Linear
 from .quant import Int8Weight, expand, replace_linears, use_int8_linears
 from .reader import RecordReader
@@ -165,16 +166,15 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 ExpertsInterface.register(IMPLEMENTATION, experts_forward)
 
 
-def _router_weight(model: PreTrainedModel, experts_name: str, num_experts: int) -> torch.Tensor:
-    """The router beside an experts module: the sibling with a (num_experts, hidden) weight."""
-    parent = model.get_submodule(experts_name.rsplit(".", 1)[0])
+def _router(model: PreTrainedModel, experts_name: str, num_experts: int) -> str | None:
+    """The router beside an experts module (its name): the sibling with a (num_experts, hidden) weight."""
+    parent, own = experts_name.rsplit(".", 1)
     hidden = model.config.get_text_config().hidden_size
-    for name, child in parent.named_children():
+    for name, child in model.get_submodule(parent).named_children():
         w = getattr(child, "weight", None)
-        if name != experts_name.rsplit(".", 1)[1] and isinstance(w, torch.Tensor) and tuple(w.shape) == (
-                num_experts, hidden):
-            return w
-    raise StoreError(f"--prefetch lookahead: no router found beside {experts_name}")
+        if name != own and isinstance(w, torch.Tensor) and tuple(w.shape) == (num_experts, hidden):
+            return f"{parent}.{name}"
+    return None
 
 
 def default_device() -> torch.device:
@@ -361,7 +361,9 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     elif CPU_KERNELS and device.type == "cpu" and use_matvec_linears(model, dtype):
         matvec = True
     _fill_dense(model, store, device)
+    routers = {n: _router(model, n, layers[n].experts) for n in experts}
     if matvec:
+        use_matvec_routers(model, [r for r in routers.values() if r is not None])
         warm_up_dense(model)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
     policy = make_policy(cache_policy)
@@ -386,7 +388,9 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     for i, name in enumerate(names):
         ahead = None
         if prefetch == "lookahead" and i + 1 < len(names):
-            ahead = (layers[names[i + 1]], _router_weight(model, names[i + 1], layers[names[i + 1]].experts))
+            if routers[names[i + 1]] is None:
+                raise StoreError(f"--prefetch lookahead: no router found beside {names[i + 1]}")
+            ahead = (layers[names[i + 1]], model.get_submodule(routers[names[i + 1]]).weight)
         gated = _silu_gated(experts[name])
         layout = (ckernels.expert_layout(layers[name].tensors) if gated and device.type == "cpu" and CPU_KERNELS
                   and not experts[name].is_transposed and not getattr(experts[name], "input_scaled", False) else None)
