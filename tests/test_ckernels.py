@@ -99,3 +99,15 @@ def test_a_failed_build_is_reported_once_and_torch_kernels_used(monkeypatch, tmp
     want = F.linear(x, dequantize(w.q, w.scale, torch.float32))
     torch.testing.assert_close(w.linear(x), want, rtol=1e-5, atol=1e-5)
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_matvec_sums_the_half_products_in_float32(dtype):
+    """200 columns: three 64-wide steps and a tail of 8. Other dtypes and mixed ones are not taken."""
+    torch.manual_seed(0)
+    w, x = torch.randn(37, 200, dtype=dtype), torch.randn(1, 200, dtype=dtype)
+    want = F.linear(x.double(), w.double()).float()
+    torch.testing.assert_close(ckernels.dense_matvec(x, w), want, rtol=1e-5, atol=1e-5)
+    assert ckernels.dense_matvec(x.float(), w) is None and ckernels.dense_matvec(x.float(), w.float()) is None
+    assert ckernels.dense_matvec(x, w.t().contiguous().t()) is None  # not contiguous

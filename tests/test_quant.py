@@ -245,11 +245,19 @@ def test_dense_int8_is_smaller_and_close(dense_int8_store, stores):
     assert 0 < score["kl"] < 0.02 and score["top1_agreement"] > 0.95
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matvec_linear_matches_f_linear(dtype):
-    """The compiled one-token dense product sums the same half-precision products in float32 as F.linear."""
+def test_matvec_linear_matches_f_linear(dtype, c_kernels, monkeypatch):
+    """The one-token dense product (the C kernel where it builds, else the compiled one) sums the same
+    half-precision products in float32 as F.linear; 96 columns: a tail past the C kernel's 64-wide steps."""
+    from moestream import ckernels
     from moestream.kernels import MatvecLinear
 
+    if c_kernels and not ckernels.available():
+        pytest.skip("no AVX-512 CPU or no C compiler")
+    if not c_kernels:
+        monkeypatch.setattr(ckernels, "_lib", None)
+        monkeypatch.setattr(ckernels, "_tried", True)
     torch.manual_seed(0)
     lin = MatvecLinear(96, 40, bias=True, dtype=dtype)
     for x in (torch.randn(1, 1, 96, dtype=dtype), torch.randn(3, 96, dtype=dtype)):  # decode, and a chunk
@@ -262,14 +270,39 @@ def test_matvec_linear_matches_f_linear(dtype):
 
 
 def test_bf16_runtime_uses_matvec_linears_with_the_same_tokens(qwen3_store, monkeypatch):
-    """A bf16 load on CPU swaps the dense linears for MatvecLinear; decoding matches F.linear's."""
-    from moestream.kernels import MatvecLinear
+    """A bf16 load on CPU swaps the dense linears for MatvecLinear and makes the routers' weights MatvecWeights;
+    decoding matches F.linear's."""
+    from moestream.kernels import MatvecLinear, MatvecWeight
 
     prompt = [5, 17, 42, 8]
     with moestream.load(qwen3_store, device="cpu", dtype="bfloat16") as m:
         swapped = [n for n, mod in m.model.named_modules() if isinstance(mod, MatvecLinear)]
         assert any(n.endswith("self_attn.q_proj") for n in swapped) and any(n.endswith("lm_head") for n in swapped)
+        routers = [layer.mlp.gate for layer in m.model.model.layers if hasattr(layer.mlp, "experts")]
+        assert routers and all(isinstance(r.weight, MatvecWeight) for r in routers)
         fast = list(m.stream_ids(prompt, max_new_tokens=8, stop_at_eos=False))
         monkeypatch.setattr(MatvecLinear, "forward", torch.nn.Linear.forward)
+        monkeypatch.setattr(MatvecWeight, "__torch_function__", classmethod(
+            lambda cls, func, types, args=(), kwargs=None: torch._C._disabled_torch_function_impl(
+                func, types, args, kwargs or {})))
         plain = list(m.stream_ids(prompt, max_new_tokens=8, stop_at_eos=False))
     assert fast == plain
+
+
+def test_matvec_weight_routes_one_token_through_the_matvec():
+    """F.linear on a MatvecWeight: one CPU token through the float32-summing matvec, anything else as torch does."""
+    from moestream import kernels
+    from moestream.kernels import MatvecWeight
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 80, dtype=torch.bfloat16)
+    mw = MatvecWeight(w.clone(), requires_grad=False)
+    x = torch.randn(1, 1, 80, dtype=torch.bfloat16)
+    got = F.linear(x, mw)
+    assert type(got) is torch.Tensor and got.dtype == torch.bfloat16 and got.shape == (1, 1, 24)
+    torch.testing.assert_close(got, kernels.half_matvec(x.view(1, -1), w).to(torch.bfloat16).view(1, 1, 24),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+    chunk = torch.randn(3, 80, dtype=torch.bfloat16)
+    torch.testing.assert_close(F.linear(chunk, mw), F.linear(chunk, w), rtol=0, atol=0)
+    assert type(mw.float()) is torch.Tensor
