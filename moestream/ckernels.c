@@ -52,13 +52,13 @@ static inline __m512 load_scales(const void *s, int kind, long i, int n) {
  * table permute (vpermps reads the low 4 bits of each lane), not a convert. */
 #define ROWS 4
 #define PREFETCH_ROWS 8
-static void rows_block(const uint8_t *q, long stride, const void *s, int kind, long s0, int groups, int gb,
+static void rows_block(const uint8_t *q, long stride, const void *s, int kind, long s0, long sstride, int groups, int gb,
                        const float *xe, const float *xo, __m512 lut, float *y) {
     __m512 acc[ROWS], sv[ROWS];
     for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 16) {
         const int n = groups - g0 < 16 ? groups - g0 : 16;
-        for (int i = 0; i < ROWS; i++) sv[i] = load_scales(s, kind, s0 + (long)i * groups + g0, n);
+        for (int i = 0; i < ROWS; i++) sv[i] = load_scales(s, kind, s0 + i * sstride + g0, n);
         for (int j = 0; j < n; j++) {
             const long g = g0 + j;
             const __m512i lane = _mm512_set1_epi32(j);
@@ -81,7 +81,7 @@ static void rows_block(const uint8_t *q, long stride, const void *s, int kind, l
 }
 
 /* y[r] for r < rows against the split x. Inside a parallel region: the row blocks are shared out
- * among its threads, the last rows % ROWS done one at a time (a block of one, stride 0 aside). */
+ * among its threads, the last rows % ROWS done one at a time (a block whose rows are all that one: strides 0). */
 static void rows_dot(const uint8_t *q, const void *s, int kind, int rows, int cols, int group,
                      const float *xe, const float *xo, const float *lut, float *y) {
     const int groups = cols / group, gb = group / 2;
@@ -90,12 +90,12 @@ static void rows_dot(const uint8_t *q, const void *s, int kind, int rows, int co
     const int blocks = rows / ROWS;
 #pragma omp for schedule(static)
     for (int r = 0; r < blocks; r++)
-        rows_block(q + r * ROWS * stride, stride, s, kind, (long)r * ROWS * groups, groups, gb, xe, xo, table,
+        rows_block(q + r * ROWS * stride, stride, s, kind, (long)r * ROWS * groups, groups, groups, gb, xe, xo, table,
                    y + r * ROWS);
 #pragma omp for schedule(static)
     for (int r = blocks * ROWS; r < rows; r++) {
         float one[ROWS];
-        rows_block(q + r * stride, 0, s, kind, (long)r * groups, groups, gb, xe, xo, table, one);
+        rows_block(q + r * stride, 0, s, kind, (long)r * groups, 0, groups, gb, xe, xo, table, one);
         y[r] = one[0];
     }
 }
@@ -113,7 +113,10 @@ static inline __m512 load_half(const uint16_t *p, int kind, int n) {
  * 24 GB/s here, this 28). */
 void ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const uint16_t *x, float *y, int threads) {
     float *xf = malloc(sizeof(float) * cols);
-    for (int k = 0; k < cols; k += 16) _mm512_storeu_ps(xf + k, load_half(x + k, kind, cols - k < 16 ? cols - k : 16));
+    for (int k = 0; k < cols; k += 16) {
+        const int n = cols - k < 16 ? cols - k : 16;
+        _mm512_mask_storeu_ps(xf + k, (__mmask16)((1u << n) - 1), load_half(x + k, kind, n));
+    }
     const int full = cols / 64 * 64;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
