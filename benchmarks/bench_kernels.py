@@ -88,7 +88,11 @@ def paths():
         "int8 _weight_int8pack_mm (bf16 x)": (
             lambda e, x: _int8pack(e, x.bfloat16()), ("gu_q8", "gu_s8", "dn_q8", "dn_s8")),
         "int8 torch.compile fused dequant+matmul": (compiled_int8, ("gu_q8", "gu_s8", "dn_q8", "dn_s8")),
-        "int4 g32 GroupedWeight (moestream: compiled fused kernel at M=1, fp32 x)": (
+        "int4 g32 whole expert, C AVX-512 kernel (moestream decode where it builds, fp32 x)": (
+            lambda e, x: _whole(e, x, c=True), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
+        "int4 g32 whole expert, compiled torch kernel (fp32 x)": (
+            lambda e, x: _whole(e, x, c=False), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
+        "int4 g32 GroupedWeight (moestream: C kernel at M=1 where it builds, else compiled; fp32 x)": (
             lambda e, x: _grouped(e, x), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
         "int4 g32 GroupedWeight, bf16 x": (lambda e, x: _grouped(e, x.bfloat16()), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
         "GGUF Q4_K blocks: KQuantWeight (moestream: compiled, fp32 x)": (
@@ -117,6 +121,21 @@ def _grouped(e, x):
 
     g, u = GroupedWeight(e["gu_q4"], e["gu_s4h"]).linear(x).chunk(2, dim=-1)
     return GroupedWeight(e["dn_q4"], e["dn_s4h"]).linear(F.silu(g) * u)
+
+
+def _whole(e, x, c: bool):
+    """One token through the whole SiLU-gated expert in one call (decode's path)."""
+    from moestream import ckernels, kernels
+    from moestream.kernels import GroupedWeight
+
+    if x.shape[0] != 1:
+        raise ValueError("one-token kernel: not used for more tokens")
+    if c:
+        if not ckernels.available():
+            raise RuntimeError("C kernels unavailable here (no AVX-512 or no compiler)")
+        return ckernels.silu_mlp(x, GroupedWeight(e["gu_q4"], e["gu_s4h"]), GroupedWeight(e["dn_q4"], e["dn_s4h"]))
+    return kernels._mlp(x, e["gu_q4"], e["gu_s4h"].float(), "int4", None, e["dn_q4"], e["dn_s4h"].float(), "int4",
+                        None)
 
 
 def _kquant(e, x):
