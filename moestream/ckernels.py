@@ -1,8 +1,10 @@
-"""Hand-written AVX-512 kernels for one token through 4-bit group-quantised experts (ckernels.c).
+"""Hand-written AVX-512 kernels for one token (decode): 4-bit group-quantised matrices and whole experts,
+and dense half-precision matrices (ckernels.c).
 
 torch.compile's fused int4 matvec reaches ~15 G weights/s on this project's 2-core machines; the
 C kernels here do an expert in about half its time (benchmarks/bench_kernels.py), which is most of a
-resident decode token. They are built at first use with the machine's C compiler (`$CC`, else
+resident decode token, and a dense matvec without the ~20-40 us of guards and wrappers each compiled
+call costs. They are built at first use with the machine's C compiler (`$CC`, else
 `cc`) into a cache folder (`$MOESTREAM_CACHE`, else ~/.cache/moestream) keyed by source, flags and
 CPU, and loaded with ctypes. Where there is no AVX-512, no compiler, or the build fails, `available()`
 is False and kernels.py computes the same products with its compiled torch kernels (a failed

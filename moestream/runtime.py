@@ -393,7 +393,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
             ahead = (layers[names[i + 1]], model.get_submodule(routers[names[i + 1]]).weight)
         gated = _silu_gated(experts[name])
         layout = (ckernels.expert_layout(layers[name].tensors) if gated and device.type == "cpu" and CPU_KERNELS
-                  and not experts[name].is_transposed and not getattr(experts[name], "input_scaled", False) else None)
+                  and not getattr(experts[name], "is_transposed", False)
+                  and not getattr(experts[name], "input_scaled", False) else None)
         experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead, gated,
                                                layout)
     model.eval()
