@@ -89,9 +89,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.ckernels_group_ok.argtypes = [i]
-    lib.ckernels_matvec.argtypes = [p, p, i, i, i, i, p, p, p, i]
+    lib.ckernels_matvec.argtypes = [p, p, i, i, i, i, p, p, i, p, i]
     lib.ckernels_matvec.restype = None
-    lib.ckernels_silu_mlp.argtypes = [p, p, i, i, p, p, i, i, i, i, p, p, p, i]
+    lib.ckernels_silu_mlp.argtypes = [p, p, i, i, p, p, i, i, i, i, p, p, i, p, i]
     lib.ckernels_silu_mlp.restype = None
     lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i]
     lib.ckernels_dense_matvec.restype = None
@@ -129,11 +129,11 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 def matvec(x: torch.Tensor, w) -> torch.Tensor:
-    """x [1, cols] float32 contiguous times `w` (takes(w)) transposed: [1, rows] float32."""
+    """x [tokens, cols] float32 contiguous times `w` (takes(w)) transposed: [tokens, rows] float32."""
     rows, cols = w.q.shape[0], w.q.shape[1] * 2
-    y = torch.empty(1, rows)
+    y = torch.empty(x.shape[0], rows)
     _lib.ckernels_matvec(w.q.data_ptr(), w.scale.data_ptr(), SCALE_KINDS[w.scale.dtype], rows, cols,
-                         cols // w.scale.shape[1], TABLES[w.codes].data_ptr(), x.data_ptr(), y.data_ptr(),
+                         cols // w.scale.shape[1], TABLES[w.codes].data_ptr(), x.data_ptr(), x.shape[0], y.data_ptr(),
                          torch.get_num_threads())
     return y
 
@@ -175,10 +175,11 @@ def expert_layout(slots) -> ExpertLayout | None:
                         hidden, inter)
 
 
-def _silu_mlp(ptrs: tuple[int, int, int, int], kinds, groups, hidden: int, inter: int, x: torch.Tensor,
+def _silu_mlp(ptrs: tuple[int, int, int, int], kinds, groups, hidden: int, inter: int, codes: str, x: torch.Tensor,
               y: torch.Tensor) -> None:
     _lib.ckernels_silu_mlp(ptrs[0], ptrs[1], kinds[0], groups[0], ptrs[2], ptrs[3], kinds[1], groups[1], hidden,
-                           inter, TABLES["int4"].data_ptr(), x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                           inter, TABLES[codes].data_ptr(), x.data_ptr(), x.numel() // hidden, y.data_ptr(),
+                           torch.get_num_threads())
 
 
 def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -186,14 +187,15 @@ def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: t
     float32 (both contiguous)."""
     base = record.data_ptr()
     _silu_mlp(tuple(base + o for o in layout.offsets), layout.kinds, layout.groups, layout.hidden, layout.inter,
-              x, y)
+              "int4", x, y)
 
 
 def silu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:
-    """x [1, hidden] float32 contiguous through a SiLU-gated int4 expert (takes() both): [1, hidden]."""
+    """x [tokens, hidden] float32 contiguous through a SiLU-gated expert (takes() both, one code table):
+    [tokens, hidden]."""
     inter, hidden = gate_up.q.shape[0] // 2, down.q.shape[0]
-    y = torch.empty(1, hidden)
+    y = torch.empty(x.shape[0], hidden)
     _silu_mlp((gate_up.q.data_ptr(), gate_up.scale.data_ptr(), down.q.data_ptr(), down.scale.data_ptr()),
               (SCALE_KINDS[gate_up.scale.dtype], SCALE_KINDS[down.scale.dtype]),
-              (hidden // gate_up.scale.shape[1], inter // down.scale.shape[1]), hidden, inter, x, y)
+              (hidden // gate_up.scale.shape[1], inter // down.scale.shape[1]), hidden, inter, gate_up.codes, x, y)
     return y

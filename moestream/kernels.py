@@ -113,6 +113,14 @@ _matvec = _Compiled(grouped_matvec)
 # up to this many tokens the fused matvec per token beats expanding the matrix once (0.2-0.3 ms per
 # token and matrix against ~3 ms to expand a Qwen3-30B-sized one: benchmarks/bench_kernels.py)
 MATVEC_ROWS = 8
+# with the C kernels token by token stays ahead of expanding further: measured per Qwen3-30B-sized int4 expert,
+# 4.4 against 6.8 ms at 32 tokens, level at 64 (benchmarks/RESULTS.md)
+C_ROWS = 32
+
+
+def rowwise_limit(*weights) -> int:
+    """Up to how many tokens the products with these weights go token by token rather than expanded."""
+    return C_ROWS if all(isinstance(w, GroupedWeight) and ckernels.takes(w) for w in weights) else MATVEC_ROWS
 _expand = _Compiled(grouped_expand)
 # For more tokens the matrix is expanded this many float32 bytes of rows at a time: under the malloc mmap
 # threshold budget.return_large_frees pins (1 MiB), so these temporaries are recycled by the heap instead
@@ -142,11 +150,10 @@ class GroupedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         # float32 in, float32 out of the compiled graphs: inductor stops vectorising when bf16 and fp16
         # meet in one kernel (measured 5x slower with bf16 activations and fp16 GGUF scales)
+        if ckernels.takes(self) and x.shape[0] <= C_ROWS:
+            return ckernels.matvec(x.to(torch.float32).contiguous(), self).to(x.dtype)
         if x.shape[0] <= MATVEC_ROWS:  # a few tokens (most experts in a prefill chunk or a batch): row by row
             xf = x.to(torch.float32)
-            if ckernels.takes(self):
-                return torch.cat([ckernels.matvec(xf[i:i + 1].contiguous(), self)
-                                  for i in range(x.shape[0])]).to(x.dtype)
             scale = self.scale.to(torch.float32)
             return torch.cat([_matvec(xf[i:i + 1].contiguous(), self.q, scale, self.codes, self.zero)
                               for i in range(x.shape[0])]).to(x.dtype)
@@ -171,13 +178,12 @@ _mlp = _Compiled(grouped_mlp)
 
 
 def silu_mlp(x: torch.Tensor, gate_up: GroupedWeight, down: GroupedWeight) -> torch.Tensor:
-    """x [tokens <= MATVEC_ROWS, hidden] through a SiLU-gated expert kept compact, one call per token: the C
-    kernel where it takes the weights, else grouped_mlp (measured 0.33 against 0.40 ms per Qwen3-30B-sized int4
-    expert for the two-call path)."""
+    """x [tokens <= rowwise_limit(gate_up, down), hidden] through a SiLU-gated expert kept compact: one C call
+    where the C kernels take the weights, else grouped_mlp token by token (measured 0.33 against 0.40 ms per
+    Qwen3-30B-sized int4 expert for the two-call path)."""
     xf = x.to(torch.float32)
-    if gate_up.codes == down.codes == "int4" and ckernels.takes(gate_up) and ckernels.takes(down):
-        return torch.cat([ckernels.silu_mlp(xf[i:i + 1].contiguous(), gate_up, down)
-                          for i in range(x.shape[0])]).to(x.dtype)
+    if gate_up.codes == down.codes and ckernels.takes(gate_up) and ckernels.takes(down):
+        return ckernels.silu_mlp(xf.contiguous(), gate_up, down).to(x.dtype)
     gs, ds = gate_up.scale.to(torch.float32), down.scale.to(torch.float32)
     return torch.cat([_mlp(xf[i:i + 1].contiguous(), gate_up.q, gs, gate_up.codes, gate_up.zero, down.q, ds,
                            down.codes, down.zero) for i in range(x.shape[0])]).to(x.dtype)
@@ -338,5 +344,5 @@ def warm_up(layers) -> int:
                 if form not in shapes:  # one token (the fused matvec) and a chunk (the compiled expansion)
                     shapes.add(form)
                     w.linear(torch.zeros(1, cols))
-                    w.linear(torch.zeros(MATVEC_ROWS + 1, cols))
+                    w.linear(torch.zeros(rowwise_limit(w) + 1, cols))
     return len(shapes)

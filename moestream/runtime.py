@@ -28,8 +28,8 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import (MATVEC_ROWS, GroupedWeight, KQuantWeight, silu_mlp, use_matvec_linears, use_matvec_routers,
-                      warm_up, warm_up_dense)
+from .kernels import (GroupedWeight, KQuantWeight, rowwise_limit, silu_mlp, use_matvec_linears,
+                      use_matvec_routers, warm_up, warm_up_dense)
 from .native import Fp8Linear
 from .quant import Int8Weight, expand, replace_linears, use_int8_linears
 from .reader import RecordReader
@@ -89,8 +89,8 @@ def _expert_output(self, src: LayerSource, record: torch.Tensor, x: torch.Tensor
     if input_scaled:
         x = x * scale
     up = "gate_up_proj" if self.has_gate else "up_proj"
-    if src.silu_gated and x.shape[0] <= MATVEC_ROWS and isinstance(w[up], GroupedWeight) and isinstance(
-            w["down_proj"], GroupedWeight):  # the whole expert in one compiled call per token
+    if src.silu_gated and isinstance(w[up], GroupedWeight) and isinstance(w["down_proj"], GroupedWeight) and (
+            x.shape[0] <= rowwise_limit(w[up], w["down_proj"])):  # the whole expert in one call (per token)
         y = silu_mlp(x, w[up], w["down_proj"])
     else:
         h = _linear(x, w[up], w.get(f"{up}_bias"), self.is_transposed)

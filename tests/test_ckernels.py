@@ -111,3 +111,19 @@ def test_dense_matvec_sums_the_half_products_in_float32(dtype):
     torch.testing.assert_close(ckernels.dense_matvec(x, w), want, rtol=1e-5, atol=1e-5)
     assert ckernels.dense_matvec(x.float(), w) is None and ckernels.dense_matvec(x.float(), w.float()) is None
     assert ckernels.dense_matvec(x, w.t().contiguous().t()) is None  # not contiguous
+
+
+@needs_c
+@pytest.mark.parametrize("tokens", [2, 8, 11, 40])
+def test_several_tokens_equal_the_expanded_product(tokens):
+    """Several tokens in one call (8 per pass over each row, 11 and 40 leave a shorter last pass): each token's
+    row equals its product with the expanded matrix, and the whole expert equals grouped_mlp token by token."""
+    torch.manual_seed(0)
+    hidden, inter = 256, 128
+    gate_up, down = grouped(2 * inter, hidden, 32, torch.float16), grouped(hidden, inter, 64, torch.bfloat16)
+    x = torch.randn(tokens, hidden)
+    want = F.linear(x, kernels.grouped_expand(gate_up.q, gate_up.scale.float(), torch.float32, "int4"))
+    torch.testing.assert_close(ckernels.matvec(x, gate_up), want, rtol=1e-5, atol=1e-5)
+    want = torch.cat([kernels.grouped_mlp(x[i:i + 1], gate_up.q, gate_up.scale.float(), "int4", None, down.q,
+                                          down.scale.float(), "int4", None) for i in range(tokens)])
+    torch.testing.assert_close(ckernels.silu_mlp(x, gate_up, down), want, rtol=1e-5, atol=1e-6)

@@ -150,10 +150,11 @@ def test_eval_kl_bounds(stores, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int4z", "int8_g32"])
-@pytest.mark.parametrize("tokens", [1, 3, 20])
+@pytest.mark.parametrize("tokens", [1, 3, 20, 40])
 def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeypatch):
-    """The compiled CPU kernels (and their eager fallback) equal F.linear on the expanded matrix."""
-    from moestream import kernels
+    """The CPU kernels (C where they build, compiled, and the eager fallback) equal F.linear on the expanded
+    matrix; 40 tokens pass even the C kernels' token-by-token limit."""
+    from moestream import ckernels, kernels
     from moestream.kernels import GroupedWeight
     from moestream.quant import dequantize
 
@@ -171,18 +172,21 @@ def test_grouped_kernels_compute_the_dequantised_product(scheme, tokens, monkeyp
     weight = GroupedWeight(q, scale, "uint4" if zero is not None else "int4",
                            None if zero is None else zero.to(torch.float32))
     torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
-    if tokens > kernels.MATVEC_ROWS:  # the expanded path, also ten rows at a time (the last chunk shorter)
+    if tokens > kernels.rowwise_limit(weight):  # the expanded path, also ten rows at a time (the last chunk shorter)
         monkeypatch.setattr(kernels, "EXPAND_BYTES", 10 * 128 * 4)
         torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(kernels._Compiled, "failed", "simulated: no compiler")
+    monkeypatch.setattr(ckernels, "_lib", None)
+    monkeypatch.setattr(ckernels, "_tried", True)
     torch.testing.assert_close(weight.linear(x), want, rtol=1e-5, atol=1e-4)
 
 
 def test_int4_store_runs_the_grouped_kernel(stores, monkeypatch):
     """Decode takes the kernel reading each expert straight from its record (ckernels.record_mlp, where the C
-    kernels build), short prefills the whole-expert kernel (kernels.silu_mlp), long prefills the expanded one;
-    all give the logits of the two-call path, and decode without the C kernels the same tokens."""
-    from moestream import ckernels, runtime
+    kernels build), short prefills the whole-expert kernel (kernels.silu_mlp), long prefills (more tokens per
+    expert than kernels.rowwise_limit) the expanded one; all give the logits of the two-call path, and decode
+    without the C kernels the same tokens."""
+    from moestream import ckernels, kernels, runtime
     from moestream.kernels import GroupedWeight
 
     fused, linear, record = [], [], []
@@ -190,13 +194,13 @@ def test_int4_store_runs_the_grouped_kernel(stores, monkeypatch):
     monkeypatch.setattr(runtime, "silu_mlp", lambda x, g, d: fused.append(x.shape[0]) or real_mlp(x, g, d))
     monkeypatch.setattr(GroupedWeight, "linear", lambda self, x: linear.append(x.shape[0]) or real_linear(self, x))
     monkeypatch.setattr(ckernels, "record_mlp", lambda *a: record.append(1) or real_record(*a))
-    ids = torch.tensor([list(range(5, 45))])
+    ids = torch.tensor([list(range(5, 205))])
     with moestream.load(stores["int4"], cache="2MB", device="cpu", dtype="float32") as m:
         tokens = list(m.stream_ids([1, 2, 3], 6, stop_at_eos=False))
         assert bool(record) == ckernels.available()
         with torch.no_grad():
             got = m.model(ids).logits
-        assert 1 in fused and max(linear) > runtime.MATVEC_ROWS
+        assert 1 in fused and max(linear) > kernels.C_ROWS
         for mod in m.model.modules():
             if hasattr(mod, "_moestream"):
                 mod._moestream.silu_gated, mod._moestream.layout = False, None
