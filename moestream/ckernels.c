@@ -1,4 +1,5 @@
-/* One-token products of 4-bit group-quantised matrices on AVX-512 CPUs, summed in float32.
+/* Products of a few tokens with 4-bit group-quantised matrices, and of one token with dense half-precision
+ * ones, on AVX-512 CPUs, summed in float32.
  *
  * A matrix is rows x cols/2 bytes, two codes per byte (low nibble first), one scale per group of
  * `group` codes along its row (float32, float16 or bfloat16). A code's value comes from a 16-entry
@@ -126,8 +127,9 @@ static inline __m512 load_half(const uint16_t *p, int kind, int n) {
  * exact in float32 (a half times a half), summed in float32 as torch's F.linear does, in another order.
  * Memory-bound: one row at a time streamed with four accumulators (4-row blocks with prefetch measured
  * 24 GB/s here, this 28). */
-void ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const uint16_t *x, float *y, int threads) {
+int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const uint16_t *x, float *y, int threads) {
     float *xf = malloc(sizeof(float) * cols);
+    if (!xf) return -1;
     for (int k = 0; k < cols; k += 16) {
         const int n = cols - k < 16 ? cols - k : 16;
         _mm512_mask_storeu_ps(xf + k, (__mmask16)((1u << n) - 1), load_half(x + k, kind, n));
@@ -150,25 +152,29 @@ void ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, cons
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
     free(xf);
+    return 0;
 }
 
 /* y [M x rows] = x W^T for M tokens x [M x cols]. */
-void ckernels_matvec(const uint8_t *q, const void *s, int kind, int rows, int cols, int group, const float *lut,
-                     const float *x, int M, float *y, int threads) {
+int ckernels_matvec(const uint8_t *q, const void *s, int kind, int rows, int cols, int group, const float *lut,
+                    const float *x, int M, float *y, int threads) {
     float *xs = malloc(sizeof(float) * cols * M);
+    if (!xs) return -1;
     split_tokens(x, M, cols, xs);
 #pragma omp parallel num_threads(threads)
     rows_any(q, s, kind, rows, cols, group, xs, M, lut, y);
     free(xs);
+    return 0;
 }
 
 /* A SiLU-gated expert for M tokens: y [M x hidden] = down(silu(gate x) * up x), in one parallel region.
  * gate_up is [2 inter x hidden] (gate rows, then up rows), down [hidden x inter]. */
-void ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup, const uint8_t *dq,
-                       const void *ds, int dkind, int dgroup, int hidden, int inter, const float *lut,
-                       const float *x, int M, float *y, int threads) {
-    float *gate = malloc(sizeof(float) * ((long)M * (3 * inter + hidden))), *xs = gate + (long)M * 2 * inter,
-          *hs = xs + (long)M * hidden;
+int ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup, const uint8_t *dq,
+                      const void *ds, int dkind, int dgroup, int hidden, int inter, const float *lut,
+                      const float *x, int M, float *y, int threads) {
+    float *gate = malloc(sizeof(float) * ((long)M * (3 * inter + hidden)));
+    if (!gate) return -1;
+    float *xs = gate + (long)M * 2 * inter, *hs = xs + (long)M * hidden;
     split_tokens(x, M, hidden, xs);
 #pragma omp parallel num_threads(threads)
     {
@@ -185,5 +191,6 @@ void ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup,
         rows_any(dq, ds, dkind, hidden, inter, dgroup, hs, M, lut, y);
     }
     free(gate);
+    return 0;
 }
 #endif

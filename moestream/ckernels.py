@@ -1,5 +1,5 @@
-"""Hand-written AVX-512 kernels for one token (decode): 4-bit group-quantised matrices and whole experts,
-and dense half-precision matrices (ckernels.c).
+"""Hand-written AVX-512 kernels: 4-bit group-quantised matrices and whole experts (for a few tokens, token by
+token), and one-token dense half-precision matrices (ckernels.c).
 
 torch.compile's fused int4 matvec reaches ~15 G weights/s on this project's 2-core machines; the
 C kernels here do an expert in about half its time (benchmarks/bench_kernels.py), which is most of a
@@ -90,13 +90,18 @@ def _load() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.ckernels_group_ok.argtypes = [i]
     lib.ckernels_matvec.argtypes = [p, p, i, i, i, i, p, p, i, p, i]
-    lib.ckernels_matvec.restype = None
+    lib.ckernels_matvec.restype = i
     lib.ckernels_silu_mlp.argtypes = [p, p, i, i, p, p, i, i, i, i, p, p, i, p, i]
-    lib.ckernels_silu_mlp.restype = None
+    lib.ckernels_silu_mlp.restype = i
     lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i]
-    lib.ckernels_dense_matvec.restype = None
+    lib.ckernels_dense_matvec.restype = i
     _lib = lib
     return lib
+
+
+def _ok(status: int) -> None:
+    if status != 0:  # the kernels' only failure: their small work buffer
+        raise MemoryError("C kernel: could not allocate its work buffer")
 
 
 def available() -> bool:
@@ -123,8 +128,8 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         return None
     x = x.contiguous()
     y = torch.empty(1, w.shape[0])
-    _lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
-                               y.data_ptr(), torch.get_num_threads())
+    _ok(_lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
+                                   y.data_ptr(), torch.get_num_threads()))
     return y
 
 
@@ -132,9 +137,9 @@ def matvec(x: torch.Tensor, w) -> torch.Tensor:
     """x [tokens, cols] float32 contiguous times `w` (takes(w)) transposed: [tokens, rows] float32."""
     rows, cols = w.q.shape[0], w.q.shape[1] * 2
     y = torch.empty(x.shape[0], rows)
-    _lib.ckernels_matvec(w.q.data_ptr(), w.scale.data_ptr(), SCALE_KINDS[w.scale.dtype], rows, cols,
-                         cols // w.scale.shape[1], TABLES[w.codes].data_ptr(), x.data_ptr(), x.shape[0], y.data_ptr(),
-                         torch.get_num_threads())
+    _ok(_lib.ckernels_matvec(w.q.data_ptr(), w.scale.data_ptr(), SCALE_KINDS[w.scale.dtype], rows, cols,
+                             cols // w.scale.shape[1], TABLES[w.codes].data_ptr(), x.data_ptr(), x.shape[0],
+                             y.data_ptr(), torch.get_num_threads()))
     return y
 
 
@@ -177,9 +182,9 @@ def expert_layout(slots) -> ExpertLayout | None:
 
 def _silu_mlp(ptrs: tuple[int, int, int, int], kinds, groups, hidden: int, inter: int, codes: str, x: torch.Tensor,
               y: torch.Tensor) -> None:
-    _lib.ckernels_silu_mlp(ptrs[0], ptrs[1], kinds[0], groups[0], ptrs[2], ptrs[3], kinds[1], groups[1], hidden,
-                           inter, TABLES[codes].data_ptr(), x.data_ptr(), x.numel() // hidden, y.data_ptr(),
-                           torch.get_num_threads())
+    _ok(_lib.ckernels_silu_mlp(ptrs[0], ptrs[1], kinds[0], groups[0], ptrs[2], ptrs[3], kinds[1], groups[1],
+                               hidden, inter, TABLES[codes].data_ptr(), x.data_ptr(), x.numel() // hidden,
+                               y.data_ptr(), torch.get_num_threads()))
 
 
 def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: torch.Tensor) -> None:

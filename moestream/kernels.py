@@ -10,8 +10,9 @@ and the dot product into one C++ loop that reads the compact bytes once (measure
 token up to MATVEC_ROWS tokens; for more the matrix is expanded once by a fused kernel and
 multiplied with F.linear.
 
-On AVX-512 CPUs the one-token int4 / e2m1 products go to hand-written C kernels instead (ckernels.py:
-about half the compiled kernel's time per expert), and decode reads experts straight from their records.
+On AVX-512 CPUs the int4 / e2m1 products go to hand-written C kernels instead (ckernels.py: about half the
+compiled kernel's time per expert and token), token by token up to C_ROWS tokens, and decode reads experts
+straight from their records.
 
 The dense weights (bf16 or fp16) get the same treatment for one token: torch's half-precision gemv
 reaches 13-18 GB/s here, a compiled row-dot summing in float32 27-33 GB/s (MatvecLinear, and
