@@ -92,10 +92,10 @@ def paths():
             lambda e, x: _whole(e, x, c=True), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
         "int4 g32 whole expert, compiled torch kernel (fp32 x)": (
             lambda e, x: _whole(e, x, c=False), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
-        "int4 g32 GroupedWeight (moestream: C kernel at M=1 where it builds, else compiled; fp32 x)": (
+        "int4 g32 GroupedWeight (moestream: C kernel up to 32 tokens where it builds, else compiled; fp32 x)": (
             lambda e, x: _grouped(e, x), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
         "int4 g32 GroupedWeight, bf16 x": (lambda e, x: _grouped(e, x.bfloat16()), ("gu_q4", "gu_s4h", "dn_q4", "dn_s4h")),
-        "GGUF Q4_K blocks: KQuantWeight (moestream: compiled, fp32 x)": (
+        "GGUF Q4_K blocks: KQuantWeight (moestream: C kernel up to 32 tokens where it builds, else compiled; fp32 x)": (
             lambda e, x: _kquant(e, x), ("gu_q4k", "dn_q4k")),
         "GGUF Q4_K blocks: gguf-py dequantise + fp32 F.linear": (
             lambda e, x: mlp(x, dequantize_gguf(e["gu_q4k"], "Q4_K", torch.float32),
@@ -105,7 +105,7 @@ def paths():
                              dequantize_fp8(e["dn_f8"], e["dn_f8s"], (128, 128))), ("gu_f8", "gu_f8s", "dn_f8", "dn_f8s")),
         "FP8 e4m3 128x128 blocks (native): GroupedWeight (moestream: compiled, fp32 x)": (
             lambda e, x: _native(e, x, "f8"), ("gu_f8", "gu_f8s", "dn_f8", "dn_f8s")),
-        "FP4 e2m1 + E8M0 g32 (native): GroupedWeight (moestream: C kernel at M=1 where it builds, else compiled; fp32 x)": (
+        "FP4 e2m1 + E8M0 g32 (native): GroupedWeight (moestream: C kernel up to 32 tokens where it builds, else compiled; fp32 x)": (
             lambda e, x: _native(e, x, "f4"), ("gu_f4", "gu_f4s", "dn_f4", "dn_f4s")),
         "FP4 e2m1 + E8M0 g32 (native MXFP4 / V4): expand + fp32 F.linear": (
             lambda e, x: mlp(x, dequantize_fp4(e["gu_f4"], e["gu_f4s"]), dequantize_fp4(e["dn_f4"], e["dn_f4s"])),

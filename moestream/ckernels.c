@@ -20,6 +20,7 @@ int ckernels_available(void) { return 0; }
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 int ckernels_available(void) { return 1; }
 
@@ -114,6 +115,69 @@ static void rows_any(const uint8_t *q, const void *s, int kind, int rows, int co
     const long half = cols / 2;
     for (int m = 0; m < M; m++)
         rows_dot(q, s, kind, rows, cols, group, xs + m * half, xs + (M + m) * half, lut, y + (long)m * rows);
+}
+
+/* llama.cpp's Q4_K blocks: 256 values in 144 bytes (fp16 d and dmin, 12 bytes of 6-bit scales and mins for 8
+ * sub-blocks of 32, then 128 bytes of codes: byte i of 32-byte chunk j holds value 64 j + i in its low nibble and
+ * 64 j + 32 + i in its high one). A value is d sc q - dmin m; a row's product is summed per sub-block as
+ * d sc (sum of q x) - dmin m (sum of x), the way kquants.matvec computes it (its scales d sc, dmin m are the
+ * same float32 products). */
+#define Q4K_BYTES 144
+static inline float f16_at(const uint8_t *p) {
+    _Float16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+}
+
+static float q4k_row(const uint8_t *row, int blocks, const float *x, const float *xsum, __m512 table) {
+    __m512 acc = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    float minus = 0;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + (long)b * Q4K_BYTES, *sc = blk + 4, *qs = blk + 16;
+        const float d = f16_at(blk), dmin = f16_at(blk + 2);
+        const float *xb = x + (long)b * 256;
+        for (int j = 0; j < 4; j++) {
+            /* sub-blocks 2j and 2j+1: their 6-bit scale and min (llama.cpp's get_scale_min_k4) */
+            int s0, m0, s1, m1;
+            const int i0 = 2 * j, i1 = 2 * j + 1;
+            if (i0 < 4) s0 = sc[i0] & 63, m0 = sc[i0 + 4] & 63;
+            else s0 = (sc[i0 + 4] & 0xF) | ((sc[i0 - 4] >> 6) << 4), m0 = (sc[i0 + 4] >> 4) | ((sc[i0] >> 6) << 4);
+            if (i1 < 4) s1 = sc[i1] & 63, m1 = sc[i1 + 4] & 63;
+            else s1 = (sc[i1 + 4] & 0xF) | ((sc[i1 - 4] >> 6) << 4), m1 = (sc[i1 + 4] >> 4) | ((sc[i1] >> 6) << 4);
+            const __m512 ds0 = _mm512_set1_ps(d * (float)s0), ds1 = _mm512_set1_ps(d * (float)s1);
+            minus += dmin * (float)m0 * xsum[b * 8 + i0] + dmin * (float)m1 * xsum[b * 8 + i1];
+            for (int h = 0; h < 2; h++) {  /* bytes 16 h .. 16 h + 15 of the chunk */
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * j + 16 * h)));
+                const __m512 lo = _mm512_permutexvar_ps(v, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+                acc = _mm512_fmadd_ps(ds0, _mm512_mul_ps(lo, _mm512_loadu_ps(xb + 64 * j + 16 * h)), acc);
+                odd = _mm512_fmadd_ps(ds1, _mm512_mul_ps(hi, _mm512_loadu_ps(xb + 64 * j + 32 + 16 * h)), odd);
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc, odd)) - minus;
+}
+
+/* y [M x rows] = x W^T for M tokens x [M x cols] and W [rows x cols / 256 Q4_K blocks]. */
+int ckernels_q4k_matvec(const uint8_t *w, int rows, int cols, const float *x, int M, float *y, int threads) {
+    const int blocks = cols / 256;
+    float *xsum = malloc(sizeof(float) * (cols / 32) * M);
+    if (!xsum) return -1;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < cols / 32; g++) {
+            float t = 0;
+            for (int k = 0; k < 32; k++) t += x[(long)m * cols + g * 32 + k];
+            xsum[(long)m * (cols / 32) + g] = t;
+        }
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp parallel num_threads(threads)
+    for (int m = 0; m < M; m++) {
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++)
+            y[(long)m * rows + r] = q4k_row(w + (long)r * blocks * Q4K_BYTES, blocks, x + (long)m * cols,
+                                            xsum + (long)m * (cols / 32), table);
+    }
+    free(xsum);
+    return 0;
 }
 
 /* n <= 16 half-precision (bf16 or fp16) values from p as floats, zeros past n. */

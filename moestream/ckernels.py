@@ -95,6 +95,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_silu_mlp.restype = i
     lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i]
     lib.ckernels_dense_matvec.restype = i
+    lib.ckernels_q4k_matvec.argtypes = [p, i, i, p, i, p, i]
+    lib.ckernels_q4k_matvec.restype = i
     _lib = lib
     return lib
 
@@ -130,6 +132,20 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty(1, w.shape[0])
     _ok(_lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
                                    y.data_ptr(), torch.get_num_threads()))
+    return y
+
+
+def takes_kquant(w) -> bool:
+    """Whether these kernels compute kernels.KQuantWeight `w`: Q4_K blocks, contiguous."""
+    return _load() is not None and w.type_name == "Q4_K" and w.blocks.is_contiguous()
+
+
+def kquant_matvec(x: torch.Tensor, w) -> torch.Tensor:
+    """x [tokens, cols] float32 contiguous times `w` (takes_kquant(w)) transposed: [tokens, rows] float32."""
+    rows, cols = w.blocks.shape[0], w.blocks.shape[1] // 144 * 256
+    y = torch.empty(x.shape[0], rows)
+    _ok(_lib.ckernels_q4k_matvec(w.blocks.data_ptr(), rows, cols, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                 torch.get_num_threads()))
     return y
 
 

@@ -121,7 +121,9 @@ C_ROWS = 32
 
 def rowwise_limit(*weights) -> int:
     """Up to how many tokens the products with these weights go token by token rather than expanded."""
-    return C_ROWS if all(isinstance(w, GroupedWeight) and ckernels.takes(w) for w in weights) else MATVEC_ROWS
+    c = all(ckernels.takes(w) if isinstance(w, GroupedWeight) else isinstance(w, KQuantWeight)
+            and ckernels.takes_kquant(w) for w in weights)
+    return C_ROWS if c else MATVEC_ROWS
 _expand = _Compiled(grouped_expand)
 # For more tokens the matrix is expanded this many float32 bytes of rows at a time: under the malloc mmap
 # threshold budget.return_large_frees pins (1 MiB), so these temporaries are recycled by the heap instead
@@ -203,6 +205,8 @@ class KQuantWeight:
     type_name: str
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if ckernels.takes_kquant(self) and x.shape[0] <= C_ROWS:
+            return ckernels.kquant_matvec(x.to(torch.float32).contiguous(), self).to(x.dtype)
         if x.shape[0] <= MATVEC_ROWS:
             scale, minus = _kq_scales(self.blocks, self.type_name)
             xf = x.to(torch.float32)

@@ -322,10 +322,10 @@ def test_bad_gguf_files_get_clear_errors_and_leave_out_alone(tmp_path, tok):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
 def test_kquant_kernels_equal_gguf_py(qtype, monkeypatch):
-    """The torch K-quant dequantiser gives gguf-py's values bit for bit; the compiled one-token kernel (and the
-    joined gate/up pieces) compute F.linear on them, for 1, 3 and 20 tokens (20 expanded whole, and 7 rows
-    at a time)."""
-    from moestream import kernels, kquants
+    """The torch K-quant dequantiser gives gguf-py's values bit for bit; the row-wise kernels (C for Q4_K where
+    they build, compiled otherwise) and the joined gate/up pieces compute F.linear on them, for 1, 3, 20 and 40
+    tokens (40 expanded whole, and 7 rows at a time)."""
+    from moestream import ckernels, kernels, kquants
     from moestream.kernels import KQuantWeight, joined
 
     blocks = random_blocks(np.zeros((48, 512), dtype=np.float32), Q[qtype])
@@ -333,10 +333,14 @@ def test_kquant_kernels_equal_gguf_py(qtype, monkeypatch):
     t = torch.from_numpy(blocks)
     assert torch.equal(kquants.dequantize(t, qtype), want)
     w = KQuantWeight(t, qtype)
-    for tokens in (1, 3, 20):
+    assert ckernels.takes_kquant(w) == (qtype == "Q4_K" and ckernels.available())
+    for tokens in (1, 3, 20, 40):
         x = torch.randn(tokens, 512)
         torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(kernels, "EXPAND_BYTES", 7 * 512 * 4)
     torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
     x = torch.randn(2, 512)
     torch.testing.assert_close(joined([w, w]).linear(x), torch.cat([x @ want.T] * 2, dim=1), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(ckernels, "_lib", None)  # the compiled torch kernels
+    monkeypatch.setattr(ckernels, "_tried", True)
+    torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
