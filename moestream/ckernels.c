@@ -1,5 +1,5 @@
-/* Products of a few tokens with 4-bit group-quantised matrices, and of one token with dense half-precision
- * ones, on AVX-512 CPUs, summed in float32.
+/* Products of a few tokens with 4-bit group-quantised matrices and llama.cpp's Q4_K / Q6_K blocks, and of one
+ * token with dense half-precision matrices, on AVX-512 CPUs, summed in float32.
  *
  * A matrix is rows x cols/2 bytes, two codes per byte (low nibble first), one scale per group of
  * `group` codes along its row (float32, float16 or bfloat16). A code's value comes from a 16-entry
@@ -157,9 +157,55 @@ static float q4k_row(const uint8_t *row, int blocks, const float *x, const float
     return _mm512_reduce_add_ps(_mm512_add_ps(acc, odd)) - minus;
 }
 
-/* y [M x rows] = x W^T for M tokens x [M x cols] and W [rows x cols / 256 Q4_K blocks]. */
-int ckernels_q4k_matvec(const uint8_t *w, int rows, int cols, const float *x, int M, float *y, int threads) {
+/* llama.cpp's Q6_K blocks: 256 values in 210 bytes (128 bytes of low 4 bits, 64 of high 2 bits, 16 int8
+ * scales, fp16 d). Per 128-value half: low-bit byte l (l < 64) holds values l (low nibble, l < 32) / l (l >= 32)
+ * and l + 64; high-bit byte l (l < 32) holds the top 2 bits of values l, l + 32, l + 64, l + 96; value is
+ * d sc (q - 32) with one scale per 16 values, so each 16-lane vector below is one scale's stretch. */
+#define Q6K_BYTES 210
+static float q6k_row(const uint8_t *row, int blocks, const float *x) {
+    __m512 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), k32 = _mm512_set1_epi32(32);
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + (long)b * Q6K_BYTES;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = f16_at(blk + 208);
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *ql = blk + 64 * n, *qh = blk + 128 + 32 * n;
+            const float *xb = x + (long)b * 256 + 128 * n;
+            for (int l = 0; l < 32; l += 16) {
+                const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
+                const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l + 32)));
+                const __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
+                const __m512i q[4] = {
+                    _mm512_or_si512(_mm512_and_si512(a, m15), _mm512_slli_epi32(_mm512_and_si512(h, m3), 4)),
+                    _mm512_or_si512(_mm512_and_si512(c, m15), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2), m3), 4)),
+                    _mm512_or_si512(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 4), m3), 4)),
+                    _mm512_or_si512(_mm512_srli_epi32(c, 4), _mm512_slli_epi32(_mm512_srli_epi32(h, 6), 4))};
+                const int is = 8 * n + l / 16;
+                for (int i = 0; i < 4; i++) {
+                    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(q[i], k32));
+                    const __m512 s = _mm512_set1_ps(d * (float)sc[is + 2 * i]);
+                    acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(v, s), _mm512_loadu_ps(xb + l + 32 * i), acc[i]);
+                }
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+/* y [M x rows] = x W^T for M tokens x [M x cols] and W [rows x cols / 256 blocks] of Q4_K (q6 = 0) or Q6_K. */
+int ckernels_kquant_matvec(const uint8_t *w, int q6, int rows, int cols, const float *x, int M, float *y, int threads) {
     const int blocks = cols / 256;
+    if (q6) {
+#pragma omp parallel num_threads(threads)
+        for (int m = 0; m < M; m++) {
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++)
+                y[(long)m * rows + r] = q6k_row(w + (long)r * blocks * Q6K_BYTES, blocks, x + (long)m * cols);
+        }
+        return 0;
+    }
     float *xsum = malloc(sizeof(float) * (cols / 32) * M);
     if (!xsum) return -1;
     for (int m = 0; m < M; m++)
