@@ -1,4 +1,4 @@
-/* Products of a few tokens with 4-bit group-quantised matrices and llama.cpp's Q4_K / Q6_K blocks, and of one
+/* Products of a few tokens with 4-bit group-quantised matrices and llama.cpp's Q4_K / Q5_K / Q6_K blocks, and of one
  * token with dense half-precision matrices, on AVX-512 CPUs, summed in float32.
  *
  * A matrix is rows x cols/2 bytes, two codes per byte (low nibble first), one scale per group of
@@ -117,23 +117,28 @@ static void rows_any(const uint8_t *q, const void *s, int kind, int rows, int co
         rows_dot(q, s, kind, rows, cols, group, xs + m * half, xs + (M + m) * half, lut, y + (long)m * rows);
 }
 
-/* llama.cpp's Q4_K blocks: 256 values in 144 bytes (fp16 d and dmin, 12 bytes of 6-bit scales and mins for 8
- * sub-blocks of 32, then 128 bytes of codes: byte i of 32-byte chunk j holds value 64 j + i in its low nibble and
- * 64 j + 32 + i in its high one). A value is d sc q - dmin m; a row's product is summed per sub-block as
+/* llama.cpp's Q4_K and Q5_K blocks: 256 values in 144 (176) bytes: fp16 d and dmin, 12 bytes of 6-bit scales and
+ * mins for 8 sub-blocks of 32, (Q5_K: 32 bytes of fifth bits,) then 128 bytes of codes: byte i of 32-byte chunk j
+ * holds value 64 j + i in its low nibble and 64 j + 32 + i in its high one (Q5_K: their fifth bits are bits 2 j
+ * and 2 j + 1 of fifth-bit byte i). A value is d sc q - dmin m; a row's product is summed per sub-block as
  * d sc (sum of q x) - dmin m (sum of x), the way kquants.matvec computes it (its scales d sc, dmin m are the
- * same float32 products). */
+ * same float32 products). Codes become floats through a 32-entry table (vpermt2ps reads 5 index bits). */
 #define Q4K_BYTES 144
+#define Q5K_BYTES 176
 static inline float f16_at(const uint8_t *p) {
     _Float16 h;
     memcpy(&h, p, 2);
     return (float)h;
 }
 
-static float q4k_row(const uint8_t *row, int blocks, const float *x, const float *xsum, __m512 table) {
+static float q45k_row(const uint8_t *row, int blocks, int five, const float *x, const float *xsum, __m512 lo16,
+                      __m512 hi16) {
+    const int bytes = five ? Q5K_BYTES : Q4K_BYTES, codes_at = five ? 48 : 16;
+    const __m512i m15 = _mm512_set1_epi32(15), one = _mm512_set1_epi32(1);
     __m512 acc = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
     float minus = 0;
     for (int b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + (long)b * Q4K_BYTES, *sc = blk + 4, *qs = blk + 16;
+        const uint8_t *blk = row + (long)b * bytes, *sc = blk + 4, *qh = blk + 16, *qs = blk + codes_at;
         const float d = f16_at(blk), dmin = f16_at(blk + 2);
         const float *xb = x + (long)b * 256;
         for (int j = 0; j < 4; j++) {
@@ -148,7 +153,13 @@ static float q4k_row(const uint8_t *row, int blocks, const float *x, const float
             minus += dmin * (float)m0 * xsum[b * 8 + i0] + dmin * (float)m1 * xsum[b * 8 + i1];
             for (int h = 0; h < 2; h++) {  /* bytes 16 h .. 16 h + 15 of the chunk */
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * j + 16 * h)));
-                const __m512 lo = _mm512_permutexvar_ps(v, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+                __m512i l = _mm512_and_si512(v, m15), u = _mm512_srli_epi32(v, 4);
+                if (five) {
+                    const __m512i f = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
+                    l = _mm512_or_si512(l, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(f, i0), one), 4));
+                    u = _mm512_or_si512(u, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(f, i1), one), 4));
+                }
+                const __m512 lo = _mm512_permutex2var_ps(lo16, l, hi16), hi = _mm512_permutex2var_ps(lo16, u, hi16);
                 acc = _mm512_fmadd_ps(ds0, _mm512_mul_ps(lo, _mm512_loadu_ps(xb + 64 * j + 16 * h)), acc);
                 odd = _mm512_fmadd_ps(ds1, _mm512_mul_ps(hi, _mm512_loadu_ps(xb + 64 * j + 32 + 16 * h)), odd);
             }
@@ -194,10 +205,11 @@ static float q6k_row(const uint8_t *row, int blocks, const float *x) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-/* y [M x rows] = x W^T for M tokens x [M x cols] and W [rows x cols / 256 blocks] of Q4_K (q6 = 0) or Q6_K. */
-int ckernels_kquant_matvec(const uint8_t *w, int q6, int rows, int cols, const float *x, int M, float *y, int threads) {
+/* y [M x rows] = x W^T for M tokens x [M x cols] and W [rows x cols / 256 blocks] of Q`bits`_K (4, 5 or 6). */
+int ckernels_kquant_matvec(const uint8_t *w, int bits, int rows, int cols, const float *x, int M, float *y,
+                           int threads) {
     const int blocks = cols / 256;
-    if (q6) {
+    if (bits == 6) {
 #pragma omp parallel num_threads(threads)
         for (int m = 0; m < M; m++) {
 #pragma omp for schedule(static)
@@ -214,13 +226,15 @@ int ckernels_kquant_matvec(const uint8_t *w, int q6, int rows, int cols, const f
             for (int k = 0; k < 32; k++) t += x[(long)m * cols + g * 32 + k];
             xsum[(long)m * (cols / 32) + g] = t;
         }
-    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 lo16 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 hi16 = _mm512_add_ps(lo16, _mm512_set1_ps(16));
+    const long stride = (long)blocks * (bits == 5 ? Q5K_BYTES : Q4K_BYTES);
 #pragma omp parallel num_threads(threads)
     for (int m = 0; m < M; m++) {
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)
-            y[(long)m * rows + r] = q4k_row(w + (long)r * blocks * Q4K_BYTES, blocks, x + (long)m * cols,
-                                            xsum + (long)m * (cols / 32), table);
+            y[(long)m * rows + r] = q45k_row(w + r * stride, blocks, bits == 5, x + (long)m * cols,
+                                             xsum + (long)m * (cols / 32), lo16, hi16);
     }
     free(xsum);
     return 0;

@@ -1,5 +1,5 @@
-"""Hand-written AVX-512 kernels: 4-bit group-quantised matrices and whole experts, llama.cpp's Q4_K and Q6_K
-blocks (for a few tokens, token by token), and one-token dense half-precision matrices (ckernels.c).
+"""Hand-written AVX-512 kernels: 4-bit group-quantised matrices and whole experts, llama.cpp's Q4_K, Q5_K and
+Q6_K blocks (for a few tokens, token by token), and one-token dense half-precision matrices (ckernels.c).
 
 torch.compile's fused int4 matvec reaches ~15 G weights/s on this project's 2-core machines; the
 C kernels here do an expert in about half its time (benchmarks/bench_kernels.py), which is most of a
@@ -135,11 +135,11 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-KQUANT_BYTES = {"Q4_K": 144, "Q6_K": 210}
+KQUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 def takes_kquant(w) -> bool:
-    """Whether these kernels compute kernels.KQuantWeight `w`: Q4_K or Q6_K blocks, contiguous."""
+    """Whether these kernels compute kernels.KQuantWeight `w`: Q4_K, Q5_K or Q6_K blocks, contiguous."""
     return _load() is not None and w.type_name in KQUANT_BYTES and w.blocks.is_contiguous()
 
 
@@ -147,7 +147,7 @@ def kquant_matvec(x: torch.Tensor, w) -> torch.Tensor:
     """x [tokens, cols] float32 contiguous times `w` (takes_kquant(w)) transposed: [tokens, rows] float32."""
     rows, cols = w.blocks.shape[0], w.blocks.shape[1] // KQUANT_BYTES[w.type_name] * 256
     y = torch.empty(x.shape[0], rows)
-    _ok(_lib.ckernels_kquant_matvec(w.blocks.data_ptr(), int(w.type_name == "Q6_K"), rows, cols, x.data_ptr(),
+    _ok(_lib.ckernels_kquant_matvec(w.blocks.data_ptr(), int(w.type_name[1]), rows, cols, x.data_ptr(),
                                     x.shape[0], y.data_ptr(), torch.get_num_threads()))
     return y
 

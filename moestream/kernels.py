@@ -199,8 +199,8 @@ _kq_expand = _Compiled(kquants.dequantize)
 
 @dataclass(frozen=True)
 class KQuantWeight:
-    """A matrix kept in llama.cpp's K-quant blocks ([rows, bytes], kquants.BLOCK_BYTES types); Q4_K and Q6_K go
-    to the C kernels up to C_ROWS tokens where they build."""
+    """A matrix kept in llama.cpp's K-quant blocks ([rows, bytes], kquants.BLOCK_BYTES types), computed by the C
+    kernels up to C_ROWS tokens where they build."""
 
     blocks: torch.Tensor
     type_name: str

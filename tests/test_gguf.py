@@ -333,7 +333,7 @@ def test_kquant_kernels_equal_gguf_py(qtype, monkeypatch):
     t = torch.from_numpy(blocks)
     assert torch.equal(kquants.dequantize(t, qtype), want)
     w = KQuantWeight(t, qtype)
-    assert ckernels.takes_kquant(w) == (qtype in ("Q4_K", "Q6_K") and ckernels.available())
+    assert ckernels.takes_kquant(w) == ckernels.available()
     for tokens in (1, 3, 20, 40):
         x = torch.randn(tokens, 512)
         torch.testing.assert_close(w.linear(x), x @ want.T, rtol=1e-5, atol=1e-4)
