@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .kquants import BLOCK_BYTES, QK_K
+
 SOURCE = Path(__file__).with_name("ckernels.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -135,17 +137,17 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-KQUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+KQUANTS = ("Q4_K", "Q5_K", "Q6_K")  # ckernels_kquant_matvec's `bits`: the digit
 
 
 def takes_kquant(w) -> bool:
     """Whether these kernels compute kernels.KQuantWeight `w`: Q4_K, Q5_K or Q6_K blocks, contiguous."""
-    return _load() is not None and w.type_name in KQUANT_BYTES and w.blocks.is_contiguous()
+    return _load() is not None and w.type_name in KQUANTS and w.blocks.is_contiguous()
 
 
 def kquant_matvec(x: torch.Tensor, w) -> torch.Tensor:
     """x [tokens, cols] float32 contiguous times `w` (takes_kquant(w)) transposed: [tokens, rows] float32."""
-    rows, cols = w.blocks.shape[0], w.blocks.shape[1] // KQUANT_BYTES[w.type_name] * 256
+    rows, cols = w.blocks.shape[0], w.blocks.shape[1] // BLOCK_BYTES[w.type_name] * QK_K
     y = torch.empty(x.shape[0], rows)
     _ok(_lib.ckernels_kquant_matvec(w.blocks.data_ptr(), int(w.type_name[1]), rows, cols, x.data_ptr(),
                                     x.shape[0], y.data_ptr(), torch.get_num_threads()))
