@@ -117,13 +117,6 @@ MATVEC_ROWS = 8
 # with the C kernels token by token stays ahead of expanding further: measured per Qwen3-30B-sized int4 expert,
 # 4.4 against 6.8 ms at 32 tokens, level at 64 (benchmarks/RESULTS.md)
 C_ROWS = 32
-
-
-def rowwise_limit(*weights) -> int:
-    """Up to how many tokens the products with these weights go token by token rather than expanded."""
-    c = all(ckernels.takes(w) if isinstance(w, GroupedWeight) else isinstance(w, KQuantWeight)
-            and ckernels.takes_kquant(w) for w in weights)
-    return C_ROWS if c else MATVEC_ROWS
 _expand = _Compiled(grouped_expand)
 # For more tokens the matrix is expanded this many float32 bytes of rows at a time: under the malloc mmap
 # threshold budget.return_large_frees pins (1 MiB), so these temporaries are recycled by the heap instead
@@ -220,6 +213,13 @@ class KQuantWeight:
         return _kq_expand(self.blocks, self.type_name).to(dtype)
 
 
+def rowwise_limit(*weights) -> int:
+    """Up to how many tokens the products with these weights go token by token rather than expanded."""
+    c = all(ckernels.takes(w) if isinstance(w, GroupedWeight) else isinstance(w, KQuantWeight)
+            and ckernels.takes_kquant(w) for w in weights)
+    return C_ROWS if c else MATVEC_ROWS
+
+
 def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [1, in] times w [out, in] transposed, summed in float32: [1, out] float32."""
     return (x.to(torch.float32) * w.to(torch.float32)).sum(-1).view(1, -1)
@@ -235,21 +235,29 @@ def half_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _dense(x, w) if y is None else y
 
 
+def one_token_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """F.linear(x, w) without bias by half_matvec when x is one CPU token (decode), in x's dtype and shape; None
+    otherwise (the caller lets torch compute it)."""
+    if x.device.type != "cpu" or x.shape[:-1].numel() != 1:
+        return None
+    return half_matvec(x.reshape(1, -1), w).to(x.dtype).view(*x.shape[:-1], -1)
+
+
 class MatvecLinear(torch.nn.Linear):
-    """nn.Linear with half-precision weights whose one-token calls (decode) on CPU run the compiled
-    dense_matvec: the same products summed in float32 as F.linear, in another order. Measured here on
-    a 4096x2048 bf16 matrix: 0.62 ms against 0.94 ms for F.linear; a resident decode token of
-    bench_decode's 24-layer model went from 210 to 152-155 ms (issue 4's note)."""
+    """nn.Linear with half-precision weights whose one-token calls (decode) on CPU run half_matvec: the same
+    products summed in float32 as F.linear, in another order. Measured here on a 4096x2048 bf16 matrix (the
+    compiled kernel): 0.62 ms against 0.94 ms for F.linear; a resident decode token of bench_decode's 24-layer
+    model went from 210 to 152-155 ms (issue 4's note)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.shape[:-1].numel() != 1:
+        y = one_token_linear(x, self.weight)
+        if y is None:
             return super().forward(x)
-        y = half_matvec(x.reshape(1, -1), self.weight).to(x.dtype).view(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
 
 class MatvecWeight(torch.nn.Parameter):
-    """A half-precision weight whose one-token F.linear calls on CPU run dense_matvec, like MatvecLinear's.
+    """A half-precision weight whose one-token F.linear calls on CPU run half_matvec, like MatvecLinear's.
     For the routers of most MoE families, modules that call F.linear on their own weight (so swapping
     nn.Linear misses them): torch's bf16 matmul of [1, 2048] by a [128, 2048] router measured 0.28 ms per
     call inside decode (0.03 ms alone), dense_matvec 0.03 ms."""
@@ -259,9 +267,9 @@ class MatvecWeight(torch.nn.Parameter):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             if func is F.linear and len(args) == 2 and not kwargs and isinstance(args[1], MatvecWeight):
-                x, w = args
-                if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and x.dtype == w.dtype:
-                    return half_matvec(x.reshape(1, -1), w.as_subclass(torch.Tensor)).to(x.dtype).view(*x.shape[:-1], -1)
+                y = one_token_linear(args[0], args[1].as_subclass(torch.Tensor))
+                if y is not None:
+                    return y
             return func(*args, **kwargs)
 
 
