@@ -317,4 +317,189 @@ int ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup, 
     free(gate);
     return 0;
 }
+/* ---- int8 activations (opt-in and lossy: load(activations="int8")) ----
+ * llama.cpp's Q4_0 x Q8_0 product for our int4 layout: x is rounded per block of 32 to int8 with one float scale
+ * (max |x| / 127), and 64 codes at a time meet 64 int8 values in one vpdpbusd (unsigned code x signed int8, four
+ * products summed into each int32 lane), against 16 lanes of float fmas per 32 codes in rows_block. Codes are
+ * stored +8: each lane starts from -8 x the sum of its four int8 values. Groups of 32 only (one block, one scale). */
+#ifdef __AVX512VNNI__
+/* x [cols] (cols % 32 == 0) as int8 blocks laid out pairwise as the codes unpack: [A even, B even, A odd, B odd],
+ * 16 bytes each, an odd last block paired with zeros; dx[b] each block's scale; corr: each int32 lane's -8 x the
+ * sum of its four int8 values. The arrays hold pad(cols) = cols rounded up to 64 values. */
+static inline int pad64(int cols) { return (cols + 63) / 64 * 64; }
+
+static void quantize_q8(const float *x, int cols, int8_t *xq, float *dx, int32_t *corr) {
+    const int blocks = cols / 32;
+    if (blocks % 2) {
+        memset(xq + 32 * (blocks - 1), 0, 64);
+        dx[blocks] = 0.0f;
+    }
+    for (int b = 0; b < blocks; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int8_t *p = xq + 64 * (b / 2) + 16 * (b % 2);
+        dx[b] = d;
+        for (int k = 0; k < 16; k++) {
+            p[k] = (int8_t)lrintf(xb[2 * k] * id);
+            p[32 + k] = (int8_t)lrintf(xb[2 * k + 1] * id);
+        }
+    }
+    for (int l = 0; l < pad64(cols) / 4; l++)
+        corr[l] = -8 * (xq[4 * l] + xq[4 * l + 1] + xq[4 * l + 2] + xq[4 * l + 3]);
+}
+
+static void rows_block_q8(const uint8_t *q, long stride, const void *s, int kind, long s0, long sstride, int blocks,
+                          const int8_t *xq, const float *dx, const int32_t *corr, float *y) {
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m512 acc[ROWS], cv[ROWS];
+    for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < blocks; b0 += 16) {
+        const int n = blocks - b0 < 16 ? blocks - b0 : 16;
+        const __m512 dxv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), dx + b0);
+        for (int i = 0; i < ROWS; i++) cv[i] = _mm512_mul_ps(load_scales(s, kind, s0 + i * sstride + b0, n), dxv);
+        for (int j = 0; j < n; j += 2) {  /* an odd last block: its partner's scale lanes are 0 (n masks them) */
+            const long b = b0 + j;
+            const __mmask32 whole = b + 1 < blocks ? 0xFFFFFFFFu : 0xFFFFu;
+            const __m512i xv = _mm512_loadu_si512(xq + 32 * b), cr = _mm512_loadu_si512(corr + 8 * b);
+            const __m512i idx = _mm512_add_epi32(pair, _mm512_set1_epi32(j));
+            if (b % 4 == 0)
+                for (int i = 0; i < ROWS; i++)
+                    _mm_prefetch((const char *)(q + (i + PREFETCH_ROWS) * stride + b * 16), _MM_HINT_T0);
+            for (int i = 0; i < ROWS; i++) {
+                const __m256i v = _mm256_maskz_loadu_epi8(whole, q + i * stride + b * 16);
+                const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                                                     _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+                const __m512i dot = _mm512_dpbusd_epi32(cr, u, xv);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, cv[i]), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < ROWS; i++) y[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* rows_dot for int8 x: inside a parallel region, row blocks shared out, the rows % ROWS tail one at a time. */
+static void rows_q8(const uint8_t *q, const void *s, int kind, int rows, int cols, const int8_t *xq, const float *dx,
+                    const int32_t *corr, float *y) {
+    const int blocks = cols / 32, nb = rows / ROWS;
+    const long stride = cols / 2;
+#pragma omp for schedule(static)
+    for (int r = 0; r < nb; r++)
+        rows_block_q8(q + r * ROWS * stride, stride, s, kind, (long)r * ROWS * blocks, blocks, blocks, xq, dx, corr,
+                      y + r * ROWS);
+#pragma omp for schedule(static)
+    for (int r = nb * ROWS; r < rows; r++) {
+        float one[ROWS];
+        rows_block_q8(q + r * stride, 0, s, kind, (long)r * blocks, 0, blocks, xq, dx, corr, one);
+        y[r] = one[0];
+    }
+}
+#endif
+
+int ckernels_q8_ok(int cols, int group) {
+#ifdef __AVX512VNNI__
+    return group == 32 && cols % 32 == 0;
+#else
+    return 0;
+#endif
+}
+
+/* ckernels_silu_mlp for one token with int8 activations: x and silu(gate) * up each rounded per block of 32.
+ * int4 codes, groups of 32 (ckernels_q8_ok); -2 without AVX-512 VNNI. */
+int ckernels_silu_mlp_q8(const uint8_t *gq, const void *gs, int gkind, const uint8_t *dq, const void *ds, int dkind,
+                         int hidden, int inter, const float *x, float *y, int threads) {
+#ifndef __AVX512VNNI__
+    return -2;
+#else
+    const long ph = pad64(hidden), pi = pad64(inter), n = ph + pi;  /* int8 values, block scales, lane corrections */
+    float *gate = malloc(sizeof(float) * 2 * inter + n + sizeof(float) * (n / 32) + sizeof(int32_t) * (n / 4) + 64);
+    if (!gate) return -1;
+    int8_t *xq = (int8_t *)(gate + 2 * inter), *hq = xq + ph;
+    float *dx = (float *)(((uintptr_t)(hq + pi) + 63) & ~(uintptr_t)63), *hdx = dx + ph / 32;
+    int32_t *corr = (int32_t *)(hdx + pi / 32), *hcorr = corr + ph / 4;
+    quantize_q8(x, hidden, xq, dx, corr);
+#pragma omp parallel num_threads(threads)
+    {
+        rows_q8(gq, gs, gkind, 2 * inter, hidden, xq, dx, corr, gate);
+#pragma omp single
+        {
+            for (int i = 0; i < inter; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * gate[inter + i];
+            quantize_q8(gate, inter, hq, hdx, hcorr);
+        }
+        rows_q8(dq, ds, dkind, hidden, inter, hq, hdx, hcorr, y);
+    }
+    free(gate);
+    return 0;
+#endif
+}
+
+/* ---- one query's attention (decode) ----
+ * For each of B rows: q [hq x dk], k [hkv heads x T x dk] and v [hkv x T x dv] by element strides (row, head,
+ * token), out [hq x dv]; all of one dtype (kind: 0 float32, 1 float16, 2 bfloat16), head h reading kv head
+ * h / (hq / hkv); mask (NULL, or B x T bytes, 0 = hidden) hides positions, e.g. a batch's left padding. Scores,
+ * softmax and the weighted sum in float32, as torch's CPU flash attention computes them (in another order); the
+ * output rounded to nearest even. A hidden position adds exact zeros: a padded row gets its unpadded bits.
+ * torch's sdpa spends ~0.3 ms on this per layer here, for microseconds of work. */
+static inline __m512 load_any(const void *p, long i, int kind, int n) {
+    if (kind == 0) return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), (const float *)p + i);
+    return load_half((const uint16_t *)p + i, kind == 1 ? SCALE_F16 : SCALE_BF16, n);
+}
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+int ckernels_attend_one(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind, int B,
+                        int hq, int hkv, int T, int dk, int dv, long qb, long kb, long kh, long kt, long vb, long vh,
+                        long vt, float scale, int threads) {
+    float *buf = malloc(sizeof(float) * (long)B * hq * (T + dv));
+    if (!buf) return -1;
+    const int group = hq / hkv;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int bh = 0; bh < B * hq; bh++) {
+        const int b = bh / hq, h = bh % hq;
+        float *sc = buf + (long)bh * (T + dv), *acc = sc + T;
+        const long q0 = b * qb + (long)h * dk, k0 = b * kb + (long)(h / group) * kh, v0 = b * vb + (long)(h / group) * vh;
+        const uint8_t *m = mask ? mask + (long)b * T : NULL;
+        float top = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < T; t++) {
+            if (m && !m[t]) {
+                sc[t] = -INFINITY;
+                continue;
+            }
+            __m512 a = _mm512_setzero_ps();
+            for (int d = 0; d < dk; d += 16) {
+                const int n = dk - d < 16 ? dk - d : 16;
+                a = _mm512_fmadd_ps(load_any(q, q0 + d, kind, n), load_any(k, k0 + t * kt + d, kind, n), a);
+            }
+            sc[t] = _mm512_reduce_add_ps(a) * scale;
+            top = fmaxf(top, sc[t]);
+        }
+        for (int t = 0; t < T; t++) sum += (sc[t] = expf(sc[t] - top));
+        for (int d = 0; d < dv; d++) acc[d] = 0.0f;
+        for (int t = 0; t < T; t++) {
+            const __m512 p = _mm512_set1_ps(sc[t]);
+            for (int d = 0; d < dv; d += 16) {
+                const int n = dv - d < 16 ? dv - d : 16;
+                const __mmask16 mm = (__mmask16)((1u << n) - 1);
+                _mm512_mask_storeu_ps(acc + d, mm, _mm512_fmadd_ps(p, load_any(v, v0 + t * vt + d, kind, n),
+                                                                   _mm512_maskz_loadu_ps(mm, acc + d)));
+            }
+        }
+        for (int d = 0; d < dv; d++) {
+            const float o = acc[d] / sum;
+            const long i = (long)bh * dv + d;
+            if (kind == 0) ((float *)out)[i] = o;
+            else if (kind == 1) ((uint16_t *)out)[i] = _cvtss_sh(o, _MM_FROUND_TO_NEAREST_INT);
+            else ((uint16_t *)out)[i] = bf16_round(o);
+        }
+    }
+    free(buf);
+    return 0;
+}
 #endif

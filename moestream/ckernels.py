@@ -28,7 +28,7 @@ from .kquants import BLOCK_BYTES, QK_K
 
 SOURCE = Path(__file__).with_name("ckernels.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
-SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # also the dtypes attend_one reads
 # value of each 4-bit code: int4 (code - 8), e2m1 (sign, 2 exponent bits, 1 mantissa bit)
 TABLES = {"int4": torch.arange(-8, 8, dtype=torch.float32),
           "e2m1": torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])}
@@ -99,12 +99,19 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_dense_matvec.restype = i
     lib.ckernels_kquant_matvec.argtypes = [p, i, i, i, p, i, p, i]
     lib.ckernels_kquant_matvec.restype = i
+    lib.ckernels_q8_ok.argtypes = [i, i]
+    lib.ckernels_silu_mlp_q8.argtypes = [p, p, i, p, p, i, i, i, p, p, i]
+    lib.ckernels_silu_mlp_q8.restype = i
+    lib.ckernels_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, *[ctypes.c_long] * 7, ctypes.c_float, i]
+    lib.ckernels_attend_one.restype = i
     _lib = lib
     return lib
 
 
 def _ok(status: int) -> None:
-    if status != 0:  # the kernels' only failure: their small work buffer
+    if status == -2:
+        raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI")
+    if status != 0:  # the kernels' only other failure: their small work buffer
         raise MemoryError("C kernel: could not allocate its work buffer")
 
 
@@ -135,6 +142,33 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     _ok(_lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
                                    y.data_ptr(), torch.get_num_threads()))
     return y
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One query per row's attention: q [b, hq, 1, dk], k [b, hkv, T, dk], v [b, hkv, T, dv] (hq a multiple of
+    hkv, one dtype, rows of k and v contiguous), `mask` None or boolean [b, 1, 1, T] (False hides a position):
+    the output [b, 1, hq, dv] (transformers' layout after attention), summed in float32; None where these
+    kernels do not take the inputs (the caller then uses torch's sdpa)."""
+    if _load() is None or q.dtype not in SCALE_KINDS or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    b, hq, _, dk = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    if (k.dtype != q.dtype or v.dtype != q.dtype or q.shape[2] != 1 or k.shape[0] != b or v.shape[0] != b
+            or tuple(v.shape[1:3]) != (hkv, t) or hq % hkv or k.shape[3] != dk or k.stride(3) != 1
+            or v.stride(3) != 1 or q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu"):
+        return None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.device.type != "cpu" or tuple(mask.shape) != (b, 1, 1, t):
+            return None
+        mask = mask.reshape(b, t).contiguous().view(torch.uint8)
+    q = q.contiguous()
+    out = torch.empty(b, 1, hq, v.shape[3], dtype=q.dtype)
+    _ok(_lib.ckernels_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                                 out.data_ptr(), SCALE_KINDS[q.dtype], b, hq, hkv, t, dk, v.shape[3], q.stride(0),
+                                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), scale,
+                                 torch.get_num_threads()))
+    return out
 
 
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")  # ckernels_kquant_matvec's `bits`: the digit
@@ -208,12 +242,29 @@ def _silu_mlp(ptrs: tuple[int, int, int, int], kinds, groups, hidden: int, inter
                                y.data_ptr(), torch.get_num_threads()))
 
 
-def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: torch.Tensor) -> None:
+def int8_available() -> bool:
+    """Whether the int8-activation kernel was built: AVX-512 VNNI."""
+    return _load() is not None and bool(_lib.ckernels_q8_ok(32, 32))
+
+
+def int8_ok(layout: ExpertLayout) -> bool:
+    """Whether record_mlp can take int8 activations for this layout: groups of 32, int8_available()."""
+    return (int8_available() and layout.groups == (32, 32)
+            and bool(_lib.ckernels_q8_ok(layout.hidden, 32)) and bool(_lib.ckernels_q8_ok(layout.inter, 32)))
+
+
+def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: torch.Tensor,
+               int8: bool = False) -> None:
     """One token x [hidden] float32 through the expert stored in `record` (uint8, `layout`), into y [hidden]
-    float32 (both contiguous)."""
-    base = record.data_ptr()
-    _silu_mlp(tuple(base + o for o in layout.offsets), layout.kinds, layout.groups, layout.hidden, layout.inter,
-              "int4", x, y)
+    float32 (both contiguous). `int8` (lossy, where int8_ok(layout)): x and the expert's intermediate
+    activations rounded per block of 32 to int8, the products integer dot products, as llama.cpp's
+    Q4_0 x Q8_0."""
+    p = tuple(record.data_ptr() + o for o in layout.offsets)
+    if int8:
+        _ok(_lib.ckernels_silu_mlp_q8(p[0], p[1], layout.kinds[0], p[2], p[3], layout.kinds[1], layout.hidden,
+                                      layout.inter, x.data_ptr(), y.data_ptr(), torch.get_num_threads()))
+    else:
+        _silu_mlp(p, layout.kinds, layout.groups, layout.hidden, layout.inter, "int4", x, y)
 
 
 def silu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:

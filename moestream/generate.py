@@ -59,6 +59,7 @@ class GenerationStats:
     cache_budget: int = 0
     experts_format: str = "none"  # the store's expert quantisation ("none": exact)
     dense_format: str = "none"  # the store's dense quantisation ("none": exact)
+    activations: str = "float"  # "int8": one-token experts with int8-rounded activations (lossy, opt-in)
     prefill: Counters = field(default_factory=Counters)
     decode: Counters = field(default_factory=Counters)
     layers: dict[int, Counters] = field(default_factory=dict)  # whole run, per MoE layer
@@ -110,6 +111,8 @@ class GenerationStats:
             *([f"dense format         {self.dense_format} " + ("(exact: the checkpoint's FP8, kept as stored)"
                 if self.dense_format.startswith("fp8") else "(LOSSY: quantised at convert)")]
               if self.dense_format != "none" else []),
+            *([f"activations          {self.activations} (LOSSY: rounded per block of 32 in one-token experts, "
+               "--activations)"] if self.activations != "float" else []),
             f"expert cache         {format_size(self.cache_budget)}, hit rate {100 * io.hit_rate:.1f} % "
             f"({io.hits} hits, {io.misses} misses, {io.evictions} evictions)",
             f"read                 {io.bytes_read / 1e9:.3f} GB ({format_size(per_tok)}/decoded token), "

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
 from . import ckernels
+from .attention import use_fast_attention
 from .budget import MemoryPlan, plan_memory, return_large_frees
 from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
@@ -56,6 +57,7 @@ class LayerSource:
     lookahead: tuple[LayerInfo, torch.Tensor] | None = None  # the next MoE layer and its router's weight
     silu_gated: bool = False  # transformers' default gating (kernels.silu_mlp may compute the expert whole)
     layout: ckernels.ExpertLayout | None = None  # one token's experts computed straight from record bytes
+    int8: bool = False  # ... with int8 activations (load(activations="int8"): opt-in, lossy)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQuantWeight, b: torch.Tensor | None,
@@ -148,7 +150,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             x32, row = hidden_states.to(torch.float32).view(-1), {e: j for j, e in enumerate(group)}
             ys = torch.empty(len(group), x32.shape[0])
             for e, record in landed:
-                ckernels.record_mlp(record, src.layout, x32, ys[row[e]])
+                ckernels.record_mlp(record, src.layout, x32, ys[row[e]], src.int8)
             ys = ys.to(hidden_states.dtype) * top_k_weights[0, [slot[e] for e in group], None]
             for j in range(len(group)):  # ascending expert order
                 final += ys[j]
@@ -213,7 +215,8 @@ class StreamedModel:
     """A loaded store: `.model` is the transformers model, its experts served by `.cache`."""
 
     def __init__(self, store: Store, model: PreTrainedModel, tokenizer, cache: ExpertCache, reader: RecordReader,
-                 device: torch.device, memory: MemoryPlan, load_seconds: float, recorder: TraceRecorder | None = None):
+                 device: torch.device, memory: MemoryPlan, load_seconds: float, recorder: TraceRecorder | None = None,
+                 activations: str = "float"):
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -223,6 +226,7 @@ class StreamedModel:
         self.memory = memory
         self.load_seconds = load_seconds
         self.recorder = recorder
+        self.activations = activations
         self.stats: GenerationStats | None = None
 
     def chat_mode(self, chat: bool | None) -> bool:
@@ -258,7 +262,7 @@ class StreamedModel:
         ids = self.encode(prompt, chat)
         quant = self.store.meta["quant"]
         stats = GenerationStats(load_seconds=self.load_seconds, experts_format=quant["experts"],
-                                dense_format=quant.get("dense", "none"))
+                                dense_format=quant.get("dense", "none"), activations=self.activations)
         self.stats = stats
         if self.recorder is not None:
             self.recorder.new_sequence()
@@ -315,15 +319,21 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
          cache_policy: str = "lfu", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
-         pin_share: float = 0.5, sequences: int = 1, reserve: bool = True) -> StreamedModel:
+         pin_share: float = 0.5, sequences: int = 1, reserve: bool = True, activations: str = "float") -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
     `sequences` KV caches of `context` tokens are reserved within `memory` (a server's batch).
     `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
+    `activations`: "float" (exact) or "int8" (lossy, opt-in: one-token experts multiply int8-rounded
+    activations, as llama.cpp's Q4_0 x Q8_0 does; int4 experts with groups of 32 on AVX-512 VNNI CPUs).
     """
     from .stores import ensure_store
 
+    if activations not in ("float", "int8"):
+        raise ValueError(f"--activations {activations!r}: choose float or int8")
+    if prefetch not in ("none", "lookahead"):
+        raise ValueError(f"--prefetch {prefetch!r}: choose none or lookahead")
     t0 = time.perf_counter()
     return_large_frees()
     store = ensure_store(str(path), progress=progress)
@@ -361,6 +371,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     elif CPU_KERNELS and device.type == "cpu" and use_matvec_linears(model, dtype):
         matvec = True
     _fill_dense(model, store, device)
+    if device.type == "cpu":
+        use_fast_attention(model)
     routers = {n: _router(model, n, layers[n].experts) for n in experts}
     if matvec:
         use_matvec_routers(model, [r for r in routers.values() if r is not None])
@@ -382,8 +394,6 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     if trace:
         infos = sorted(layers.values(), key=lambda i: i.layer)
         recorder = TraceRecorder([i.layer for i in infos], [i.experts for i in infos], [i.record_bytes for i in infos])
-    if prefetch not in ("none", "lookahead"):
-        raise ValueError(f"--prefetch {prefetch!r}: choose none or lookahead")
     names = sorted(experts, key=lambda n: layers[n].layer)
     for i, name in enumerate(names):
         ahead = None
@@ -395,8 +405,11 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         layout = (ckernels.expert_layout(layers[name].tensors) if gated and device.type == "cpu" and CPU_KERNELS
                   and not getattr(experts[name], "is_transposed", False)
                   and not getattr(experts[name], "input_scaled", False) else None)
+        if activations == "int8" and (layout is None or not ckernels.int8_ok(layout)):
+            raise ValueError(f"--activations int8: {store.root} layer {layers[name].layer}'s experts are not int4 with "
+                             "groups of 32 computed by the C kernels (AVX-512 VNNI): only those take int8 activations")
         experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead, gated,
-                                               layout)
+                                               layout, activations == "int8")
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)
@@ -407,4 +420,4 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return StreamedModel(store, model, tokenizer, expert_cache, reader, device, plan, time.perf_counter() - t0,
-                         recorder)
+                         recorder, activations)

@@ -12,6 +12,7 @@ from moestream.quant import dequantize, quantize
 from moestream.store import TensorSlot, record_tensors
 
 needs_c = pytest.mark.skipif(not ckernels.available(), reason="no AVX-512 CPU or no C compiler: torch kernels used")
+needs_int8 = pytest.mark.skipif(not ckernels.int8_available(), reason="no AVX-512 VNNI: no int8-activation kernel")
 
 
 def grouped(rows: int, cols: int, group: int, scale_dtype: torch.dtype, codes: str = "int4") -> GroupedWeight:
@@ -127,3 +128,104 @@ def test_several_tokens_equal_the_expanded_product(tokens):
     want = torch.cat([kernels.grouped_mlp(x[i:i + 1], gate_up.q, gate_up.scale.float(), "int4", None, down.q,
                                           down.scale.float(), "int4", None) for i in range(tokens)])
     torch.testing.assert_close(ckernels.silu_mlp(x, gate_up, down), want, rtol=1e-5, atol=1e-6)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,t,dk,dv", [(32, 4, 87, 128, 128), (8, 8, 1, 64, 64), (16, 2, 300, 192, 128),
+                                            (4, 1, 33, 40, 24)])
+def test_attend_one_matches_sdpa(dtype, hq, hkv, t, dk, dv):
+    """One query against a cache (grouped heads, head sizes off 16, a key view with a gap between heads):
+    within the error torch's own sdpa has against the float64 result."""
+    torch.manual_seed(0)
+    q = torch.randn(1, hq, 1, dk, dtype=dtype)
+    k = torch.randn(1, hkv, t + 5, dk, dtype=dtype)[:, :, :t]
+    v = torch.randn(1, hkv, t, dv, dtype=dtype)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.1, enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.1, enable_gqa=True)
+    got = ckernels.attend_one(q, k, v, 0.1)
+    assert got.shape == (1, 1, hq, dv) and got.dtype == dtype
+    ours = (got.double() - want.transpose(1, 2)).abs().max().item()
+    theirs = (sdpa.double() - want).abs().max().item()
+    assert ours <= 1.5 * theirs + {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_one_batch_under_a_padding_mask_gives_each_row_its_own_bits(dtype):
+    """A batch's rows, left-padded to one length and masked, get exactly what each computes alone, and
+    sdpa's masked result within its rounding."""
+    torch.manual_seed(0)
+    lengths, hq, hkv, d = (9, 4, 6), 8, 2, 64
+    t = max(lengths)
+    q = torch.randn(len(lengths), hq, 1, d, dtype=dtype)
+    k, v = torch.randn(len(lengths), hkv, t, d, dtype=dtype), torch.randn(len(lengths), hkv, t, d, dtype=dtype)
+    mask = torch.tensor([[i >= t - n for i in range(t)] for n in lengths]).view(-1, 1, 1, t)
+    got = ckernels.attend_one(q, k, v, 0.125, mask)
+    for row, n in enumerate(lengths):
+        alone = ckernels.attend_one(q[row:row + 1], k[row:row + 1, :, t - n:], v[row:row + 1, :, t - n:], 0.125)
+        assert torch.equal(got[row:row + 1], alone)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}))
+    assert ckernels.attend_one(q, k, v, 0.125, torch.zeros(3, 1, 1, t)) is None  # additive masks: sdpa
+
+
+@needs_c
+def test_attend_one_leaves_other_shapes_to_sdpa():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
+    assert ckernels.attend_one(q, k, k, 0.1) is not None
+    assert ckernels.attend_one(torch.randn(1, 4, 2, 64), k, k, 0.1) is None  # two queries
+    assert ckernels.attend_one(q, k.bfloat16(), k, 0.1) is None  # mixed dtypes
+    assert ckernels.attend_one(torch.randn(1, 3, 1, 64), k, k, 0.1) is None  # heads not a multiple
+    assert ckernels.attend_one(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, 0.1) is None  # strided rows
+
+
+def q8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded per block of 32 to int8 times max|x| / 127, in float64: what the int8 kernel multiplies."""
+    xb = x.double().view(-1, 32)
+    d = xb.abs().amax(1, keepdim=True) / 127
+    return (torch.round(xb / torch.where(d > 0, d, torch.ones_like(d))) * d).view(-1)
+
+
+def expert_record(hidden: int, inter: int, group: int = 32):
+    """A random int4 expert as a store record, its layout, and its matrices in float64."""
+    gate_up, down = grouped(2 * inter, hidden, group, torch.float16), grouped(hidden, inter, group, torch.bfloat16)
+    parts = {"gate_up_proj.q": gate_up.q, "gate_up_proj.scale": gate_up.scale, "down_proj.q": down.q,
+             "down_proj.scale": down.scale}
+    slots, offset = [], 0
+    for name, t in parts.items():
+        slots.append(TensorSlot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset += t.numel() * t.element_size()
+    record = torch.cat([t.contiguous().view(torch.uint8).flatten() for t in parts.values()])
+    matrices = [kernels.grouped_expand(w.q, w.scale.float(), torch.float64, "int4") for w in (gate_up, down)]
+    return record, ckernels.expert_layout(slots), matrices
+
+
+@needs_int8
+@pytest.mark.parametrize("hidden,inter", [(2048, 768), (256, 96), (96, 160)])
+def test_record_mlp_int8_is_the_product_of_the_rounded_activations(hidden, inter):
+    """int8 activations (odd block counts included): exactly the float64 product of the int8-rounded input and
+    intermediate activations with the int4 matrices, up to float32 sums; ~1 % from the exact expert."""
+    torch.manual_seed(0)
+    record, layout, (wg, wd) = expert_record(hidden, inter)
+    assert ckernels.int8_ok(layout)
+    x = torch.randn(hidden)
+
+    def expert(rounding):
+        g, u = (wg @ rounding(x.double())).split(inter)
+        return wd @ rounding(g / (1 + torch.exp(-g)) * u)
+
+    want, exact = expert(q8_rounded), expert(lambda t: t)
+    got = torch.empty(hidden)
+    ckernels.record_mlp(record, layout, x, got, int8=True)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    err = ((got.double() - exact).norm() / exact.norm()).item()
+    assert 1e-4 < err < 0.05
+    ckernels.record_mlp(record, layout, x, got)
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
+
+
+@needs_c
+def test_int8_activations_need_groups_of_32():
+    _, layout, _ = expert_record(256, 128, group=64)
+    assert layout is not None and not ckernels.int8_ok(layout)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
 
 import moestream
+from moestream import ckernels
 from conftest import expert_bytes
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 61, 128, 9, 77, 300]
@@ -24,18 +25,32 @@ def greedy(model, ids, n):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mixtral"])
-def test_streamed_matches_transformers(family, request):
+def test_streamed_matches_transformers(family, request, monkeypatch):
+    """Prefill logits, a one-token step's logits (decode attention in the C kernel where it builds) and
+    greedy tokens."""
     ckpt = request.getfixturevalue(f"{family}_ckpt")
     store = request.getfixturevalue(f"{family}_store")
     ref = reference(ckpt)
     budget = expert_bytes(store) // 4  # about a quarter of the experts fit
+    attended = []
+    real_attend = ckernels.attend_one
+    monkeypatch.setattr(ckernels, "attend_one", lambda *a: attended.append(1) or real_attend(*a))
     with moestream.load(store, cache=budget, device="cpu") as m:
         assert m.cache.budget == budget
+        assert m.model.config._attn_implementation == ("moestream_sdpa" if ckernels.available() else "sdpa")
         with torch.no_grad():
             want = ref(torch.tensor([PROMPT])).logits
             got = m.model(torch.tensor([PROMPT])).logits
+            assert not attended  # a prefill is torch's sdpa
+            caches = DynamicCache(config=ref.config), DynamicCache(config=m.model.config)
+            ref(torch.tensor([PROMPT]), cache=caches[0], use_cache=True)
+            m.model(torch.tensor([PROMPT]), cache=caches[1], use_cache=True)
+            step = [model(torch.tensor([[11]]), cache=c, use_cache=True).logits
+                    for model, c in zip((ref, m.model), caches)]
         assert got.dtype == torch.float32
         assert (want - got).abs().max().item() <= 1e-4
+        assert (step[0] - step[1]).abs().max().item() <= 1e-4
+        assert bool(attended) == ckernels.available()
 
         tokens = list(m.stream_ids(PROMPT, max_new_tokens=NEW, stop_at_eos=False))
         expected = greedy(ref, PROMPT, NEW)

@@ -310,3 +310,46 @@ def test_matvec_weight_routes_one_token_through_the_matvec():
     chunk = torch.randn(3, 80, dtype=torch.bfloat16)
     torch.testing.assert_close(F.linear(chunk, mw), F.linear(chunk, w), rtol=0, atol=0)
     assert type(mw.float()) is torch.Tensor
+
+
+def test_int8_activations_are_close_labelled_and_opt_in(stores, monkeypatch, tmp_path):
+    """--activations int8 (lossy): teacher-forced one-token steps of the int4 store stay within a small KL of
+    the exact activations and pick the same tokens, yet differ (the int8 kernel ran); the stats say LOSSY;
+    stores whose experts the kernel cannot take are refused with the flag named."""
+    from transformers import DynamicCache
+
+    from moestream import ckernels
+
+    if not ckernels.int8_available():
+        with pytest.raises(ValueError, match="--activations int8"):
+            moestream.load(stores["int4"], cache="2MB", device="cpu", activations="int8")
+        pytest.skip("no AVX-512 VNNI: int8 activations refused (checked above)")
+    calls = []
+    real = ckernels.record_mlp
+    monkeypatch.setattr(ckernels, "record_mlp", lambda *a: calls.append(a[-1]) or real(*a))
+
+    def steps(activations: str) -> torch.Tensor:
+        with moestream.load(stores["int4"], cache="2MB", device="cpu", dtype="float32", activations=activations) as m:
+            ids, out = list(range(5, 40)), []
+            with torch.no_grad():
+                cache = DynamicCache(config=m.model.config)
+                m.model(torch.tensor([ids[:4]]), cache=cache, use_cache=True)
+                for t in ids[4:]:
+                    out.append(m.model(torch.tensor([[t]]), cache=cache, use_cache=True).logits[0, -1])
+            if activations == "int8":
+                list(m.stream_ids([1, 2, 3], 3, stop_at_eos=False))
+                assert m.stats.activations == "int8" and "activations          int8 (LOSSY" in m.stats.format()
+            return torch.stack(out)
+
+    exact = steps("float")
+    assert set(calls) == {False}
+    calls.clear()
+    rounded = steps("int8")
+    assert set(calls) == {True}
+    kl = F.kl_div(rounded.log_softmax(-1), exact.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert kl.mean() < 1e-3 and (rounded.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    assert (rounded - exact).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="--activations int8.*groups of 32"):
+        moestream.load(stores["exact"], cache="2MB", device="cpu", activations="int8")
+    with pytest.raises(ValueError, match="--activations 'int4'"):
+        moestream.load(stores["int4"], cache="2MB", device="cpu", activations="int4")
