@@ -226,11 +226,12 @@ def run_child(cmd: list[str], cap: int | None) -> tuple[subprocess.CompletedProc
         return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pre), cg
 
 
-def moestream_run(store: Path, cap: int | None, tokens: int, temperature: float, pin: Path | None) -> dict:
+def moestream_run(store: Path, cap: int | None, tokens: int, temperature: float, pin: Path | None,
+                  activations: str = "float") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "moestream.cli", "run", str(store), "-p", PROMPT, "--raw", "-n", str(tokens),
                "--device", "cpu", "--stats-json", f.name, "--context", "512", "--temperature", str(temperature),
-               "--seed", "0"]
+               "--seed", "0", "--activations", activations]
         cmd += ["--memory", str(cap)] if cap else ["--cache", "1TB"]
         cmd += ["--pin", str(pin), "--pin-share", "1"] if pin else []
         drop_caches()
@@ -278,6 +279,9 @@ def main() -> None:
                     help="0: greedy (default). A random model's greedy text repeats itself and so does its "
                          "routing; sampling (e.g. 1) spreads the experts used, as real text does")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--activations", default="float",
+                    help="moestream runs per cap, one per --activations mode: float (exact), int8 (lossy, as "
+                         "llama.cpp's Q4_0 x Q8_0), or both: float,int8")
     ap.add_argument("--out", help="default: benchmarks/results/bench_decode-tTEMPERATURE.json")
     ap.add_argument("--results-md", default="benchmarks/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (GGUF and store)")
@@ -317,14 +321,14 @@ def main() -> None:
         rows = []
         for cap_s in ["resident", *args.caps.split(",")]:
             cap = None if cap_s == "resident" else parse_size(cap_s)
-            row = {"cap": cap_s, "cap_bytes": cap,
-                   "moestream": moestream_run(store_path, cap, args.tokens, args.temperature,
-                                              profile if cap is None else None)}
-            m = row["moestream"]
-            if "error" not in m and m["decode_bytes_per_token"] > 0:
-                m["io_ceiling_tps"] = ssd.peak_bandwidth / m["decode_bytes_per_token"]
-                m["share_of_io_ceiling"] = m["decode_tps"] / m["io_ceiling_tps"]
-            print(cap_s, "moestream", json.dumps(m), flush=True)
+            row = {"cap": cap_s, "cap_bytes": cap, "moestream": {}}
+            for mode in args.activations.split(","):
+                m = row["moestream"][mode] = moestream_run(store_path, cap, args.tokens, args.temperature,
+                                                           profile if cap is None else None, mode)
+                if "error" not in m and m["decode_bytes_per_token"] > 0:
+                    m["io_ceiling_tps"] = ssd.peak_bandwidth / m["decode_bytes_per_token"]
+                    m["share_of_io_ceiling"] = m["decode_tps"] / m["io_ceiling_tps"]
+                print(cap_s, f"moestream activations {mode}", json.dumps(m), flush=True)
             row["llama"] = {}
             if llama:
                 for kb in ([None] if cap is None else [int(x) for x in args.readahead_kb.split(",")]):
@@ -369,17 +373,20 @@ def table(result: dict) -> list[str]:
              "(share) | load s | TTFT s | peak RSS | cgroup |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        m, ll = row["moestream"], row["llama"]
+        ll = row["llama"]
         best = max((r["decode_tps"] for r in ll.values() if "decode_tps" in r), default=None)
         ratio = lambda tps: f"{tps / best:.2f}" if best else "—"  # noqa: E731
-        if "error" in m:
-            lines.append(f"| {row['cap']} | moestream | error: {m['error'][-120:]!r} | | | | | | | | |")
-        else:
+        for mode, m in row["moestream"].items():
+            engine = "moestream" if mode == "float" else f"moestream, {mode} activations (lossy)"
+            if "error" in m:
+                lines.append(f"| {row['cap']} | {engine} | error: {m['error'][-120:]!r} | | | | | | | | |")
+                continue
             ceiling = (f"{m['io_ceiling_tps']:.2f} ({100 * m['share_of_io_ceiling']:.0f} %)"
                        if "io_ceiling_tps" in m else "—")
-            lines.append(f"| {row['cap']} | moestream | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
+            lines.append(f"| {row['cap']} | {engine} | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
                          f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | "
-                         f"{m.get('load_seconds', float('nan')):.2f} | {m['ttft_seconds']:.2f} | {m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
+                         f"{m.get('load_seconds', float('nan')):.2f} | {m['ttft_seconds']:.2f} | "
+                         f"{m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
         for ra, r in ll.items():
             label = f"llama.cpp, read-ahead {ra} KiB" if row["cap_bytes"] else "llama.cpp (warm page cache)"
             if "error" in r:

@@ -1,12 +1,14 @@
 /* Products of a few tokens with 4-bit group-quantised matrices and llama.cpp's Q4_K / Q5_K / Q6_K blocks, and of one
- * token with dense half-precision matrices, on AVX-512 CPUs, summed in float32.
+ * token with dense half-precision matrices, on AVX-512 CPUs, summed in float32; one query's attention, RMSNorm and
+ * the experts' weighted sum of a decode token; and (opt-in, lossy) experts with int8-rounded activations.
  *
  * A matrix is rows x cols/2 bytes, two codes per byte (low nibble first), one scale per group of
  * `group` codes along its row (float32, float16 or bfloat16). A code's value comes from a 16-entry
  * table: int4 (code - 8) or e2m1. Each product is value * x * scale, exactly as kernels.grouped_matvec
  * computes it; only the order of the float32 sums differs.
  *
- * Built at first use by ckernels.py with the machine's C compiler (-O3 -march=native). Without
+ * Built at first use by ckernels.py with the machine's C compiler (-O3 -march=native -ffp-contract=off: no
+ * multiply-add is fused unless written so, which the bit-for-bit roundings below rely on). Without
  * AVX-512 nothing but ckernels_available() (0) is built, and the compiled torch kernels are used.
  *
  * Threads: OpenMP, linked against the libgomp torch has already loaded (the same soname), so the
@@ -500,6 +502,70 @@ int ckernels_attend_one(const void *q, const void *k, const void *v, const uint8
         }
     }
     free(buf);
+    return 0;
+}
+/* ---- small per-layer steps of a decode token, each one call instead of several torch ops ---- */
+/* 16 floats rounded to bfloat16 (nearest even; NaN kept), as the bits of their upper halves. */
+static inline __m512i bf16_bits(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), r, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+
+/* f rounded to the dtype `kind` (nearest even), as floats. */
+static inline __m512 round_vec(__m512 f, int kind) {
+    if (kind == SCALE_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (kind == SCALE_BF16) return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(f), _mm512_set1_epi32((int)0xffff0000u)));
+    return f;
+}
+
+/* n <= 16 floats stored at p[i..] in the dtype `kind`, rounded to nearest even. */
+static inline void store_vec(void *p, long i, __m512 f, int kind, int n) {
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    if (kind == SCALE_F16)
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else if (kind == SCALE_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(f), 16)));
+    else
+        _mm512_mask_storeu_ps((float *)p + i, m, f);
+}
+
+/* out [hidden] (kind) += round(round(ys[j]) * w[slot[j]]) for j = 0..n-1 in order, rounding to out's dtype after
+ * each step: transformers' eager loop (expert output cast, times its routing weight, index_add_) bit for bit,
+ * for one token whose n experts' float32 outputs are the rows of ys. w: the token's routing weights (kind). */
+int ckernels_weighted_sum(const float *ys, const int *slot, int n, int hidden, const void *w, void *out, int kind) {
+    for (int i = 0; i < hidden; i += 16) {
+        const int m = hidden - i < 16 ? hidden - i : 16;
+        __m512 acc = load_any(out, i, kind, m);
+        for (int j = 0; j < n; j++) {
+            const __m512 wj = _mm512_set1_ps(_mm512_cvtss_f32(load_any(w, slot[j], kind, 1)));
+            const __m512 y = round_vec(_mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), ys + (long)j * hidden + i), kind);
+            acc = round_vec(_mm512_add_ps(acc, round_vec(_mm512_mul_ps(y, wj), kind)), kind);
+        }
+        store_vec(out, i, acc, kind, m);
+    }
+    return 0;
+}
+
+/* transformers' RMSNorm for rows x n values (kind): h = float(x); h * rsqrt(mean(h^2) + eps) rounded to the
+ * dtype, times the weight (kind) rounded again, as `weight * hidden_states.to(input_dtype)` computes it. */
+int ckernels_rms_norm(const void *x, const void *w, void *out, int kind, int rows, int n, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const long o = (long)r * n;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            const int m = n - i < 16 ? n - i : 16;
+            const __m512 v = load_any(x, o + i, kind, m);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / n + eps));
+        for (int i = 0; i < n; i += 16) {
+            const int m = n - i < 16 ? n - i : 16;
+            const __m512 h = round_vec(_mm512_mul_ps(load_any(x, o + i, kind, m), inv), kind);
+            store_vec(out, o + i, _mm512_mul_ps(load_any(w, i, kind, m), h), kind, m);
+        }
+    }
     return 0;
 }
 #endif

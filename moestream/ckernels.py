@@ -1,5 +1,8 @@
 """Hand-written AVX-512 kernels: 4-bit group-quantised matrices and whole experts, llama.cpp's Q4_K, Q5_K and
-Q6_K blocks (for a few tokens, token by token), and one-token dense half-precision matrices (ckernels.c).
+Q6_K blocks (for a few tokens, token by token), one-token dense half-precision matrices, and the small steps of
+a decode token that cost more in torch's per-op overhead than in arithmetic: one query's attention
+(attention.py), RMSNorm (kernels.use_c_norms), the experts' weighted sum (ckernels.c). Opt-in and lossy:
+experts with int8-rounded activations (`record_mlp(int8=True)`, load(activations="int8")).
 
 torch.compile's fused int4 matvec reaches ~15 G weights/s on this project's 2-core machines; the
 C kernels here do an expert in about half its time (benchmarks/bench_kernels.py), which is most of a
@@ -27,7 +30,7 @@ import torch
 from .kquants import BLOCK_BYTES, QK_K
 
 SOURCE = Path(__file__).with_name("ckernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # also the dtypes attend_one reads
 # value of each 4-bit code: int4 (code - 8), e2m1 (sign, 2 exponent bits, 1 mantissa bit)
 TABLES = {"int4": torch.arange(-8, 8, dtype=torch.float32),
@@ -104,6 +107,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_silu_mlp_q8.restype = i
     lib.ckernels_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, *[ctypes.c_long] * 7, ctypes.c_float, i]
     lib.ckernels_attend_one.restype = i
+    lib.ckernels_weighted_sum.argtypes = [p, p, i, i, p, p, i]
+    lib.ckernels_rms_norm.argtypes = [p, p, p, i, i, i, ctypes.c_float]
     _lib = lib
     return lib
 
@@ -168,6 +173,33 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                  out.data_ptr(), SCALE_KINDS[q.dtype], b, hq, hkv, t, dk, v.shape[3], q.stride(0),
                                  k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), scale,
                                  torch.get_num_threads()))
+    return out
+
+
+def weighted_sum(ys: torch.Tensor, slots: list[int], weights: torch.Tensor, out: torch.Tensor) -> bool:
+    """out [hidden] += ys[j] cast to out's dtype times weights[slots[j]], for each row j of ys [n, hidden]
+    float32 in turn, rounded as transformers' eager experts loop rounds it (one token); False (nothing done)
+    where these kernels do not take the arguments."""
+    if (_load() is None or out.dtype not in SCALE_KINDS or weights.dtype != out.dtype or not out.is_contiguous()
+            or not weights.is_contiguous() or ys.dtype != torch.float32 or not ys.is_contiguous()
+            or ys.shape != (len(slots), out.numel())):
+        return False
+    order = (ctypes.c_int * len(slots))(*slots)
+    _lib.ckernels_weighted_sum(ys.data_ptr(), order, len(slots), out.numel(), weights.data_ptr(), out.data_ptr(),
+                               SCALE_KINDS[out.dtype])
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """transformers' RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`, in float32) over x's last
+    dimension; None where these kernels do not take the arguments."""
+    if (_load() is None or x.dtype not in SCALE_KINDS or weight.dtype != x.dtype or x.device.type != "cpu"
+            or weight.dim() != 1 or x.shape[-1] != weight.shape[0] or not weight.is_contiguous()):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.ckernels_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), SCALE_KINDS[x.dtype],
+                           x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
 
 

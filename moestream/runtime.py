@@ -29,7 +29,7 @@ from .cache import ExpertCache, request_groups
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
-from .kernels import (GroupedWeight, KQuantWeight, rowwise_limit, silu_mlp, use_matvec_linears,
+from .kernels import (GroupedWeight, KQuantWeight, rowwise_limit, silu_mlp, use_c_norms, use_matvec_linears,
                       use_matvec_routers, warm_up, warm_up_dense)
 from .native import Fp8Linear
 from .quant import Int8Weight, expand, replace_linears, use_int8_linears
@@ -105,12 +105,12 @@ def _expert_output(self, src: LayerSource, record: torch.Tensor, x: torch.Tensor
 
 def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group: list[int]) -> None:
     """Guess the next MoE layer's experts by applying its router to this layer's input, and start
-    their reads now, behind this layer's own (a guess only loads records; it cannot change results)."""
+    their reads now, behind this layer's own (a guess only loads records; it cannot change results).
+    Best guesses first (each token's first choices, then its second, ...): the cache may take only some."""
     info, weight = src.lookahead
     with torch.no_grad():
         guess = torch.topk(hidden_states.to(weight.dtype) @ weight.T, k, dim=-1).indices
-        ids, counts = torch.unique(guess, return_counts=True)
-    order = ids[torch.argsort(counts, descending=True, stable=True)].tolist()
+    order = list(dict.fromkeys(guess.T.flatten().tolist()))
     src.cache.prefetch(info, order, keep=[(src.info.layer, e) for e in group])
 
 
@@ -151,9 +151,11 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             ys = torch.empty(len(group), x32.shape[0])
             for e, record in landed:
                 ckernels.record_mlp(record, src.layout, x32, ys[row[e]], src.int8)
-            ys = ys.to(hidden_states.dtype) * top_k_weights[0, [slot[e] for e in group], None]
-            for j in range(len(group)):  # ascending expert order
-                final += ys[j]
+            slots = [slot[e] for e in group]
+            if not ckernels.weighted_sum(ys, slots, top_k_weights[0], final.view(-1)):
+                ys = ys.to(hidden_states.dtype) * top_k_weights[0, slots, None]
+                for j in range(len(group)):  # ascending expert order
+                    final += ys[j]
             continue
         outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e, record in landed:
@@ -373,6 +375,7 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     _fill_dense(model, store, device)
     if device.type == "cpu":
         use_fast_attention(model)
+        use_c_norms(model)
     routers = {n: _router(model, n, layers[n].experts) for n in experts}
     if matvec:
         use_matvec_routers(model, [r for r in routers.values() if r is not None])

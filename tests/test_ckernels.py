@@ -229,3 +229,42 @@ def test_record_mlp_int8_is_the_product_of_the_rounded_activations(hidden, inter
 def test_int8_activations_need_groups_of_32():
     _, layout, _ = expert_record(256, 128, group=64)
     assert layout is not None and not ckernels.int8_ok(layout)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weighted_sum_rounds_as_the_eager_loop(dtype):
+    """One token's expert outputs weighted and added in a given order, rounded after each step as
+    transformers' eager loop rounds them: the same bits (2000 values: a ragged last vector)."""
+    torch.manual_seed(0)
+    ys, weights, slots = torch.randn(8, 2000), torch.rand(8).to(dtype), [3, 1, 0, 7, 2, 6, 5, 4]
+    got = torch.randn(2000).to(dtype)
+    want = got.clone()
+    assert ckernels.weighted_sum(ys, slots, weights, got)
+    scaled = ys.to(dtype) * weights[slots, None]
+    for j in range(len(slots)):
+        want += scaled[j]
+    assert torch.equal(got, want)
+    assert not ckernels.weighted_sum(ys, slots, weights.float() if dtype != torch.float32 else weights.half(), got)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_c_rms_norm_replaces_only_the_standard_forward(dtype):
+    """Qwen3's and Mixtral's RMSNorm (transformers' standard forward) get the C kernel, with the same bits here
+    (the float32 sum of squares is ordered otherwise: close, not always equal); Gemma's (1 + weight) keeps
+    its own."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    torch.manual_seed(0)
+    for cls in (Qwen3MoeRMSNorm, MixtralRMSNorm):
+        norm = cls(200).to(dtype)
+        norm.weight.data = torch.randn(200).to(dtype)
+        x = (torch.randn(3, 5, 200) * 3).to(dtype)
+        want = norm(x)
+        assert kernels.use_c_norms(norm) == 1 and "forward" in vars(norm)
+        torch.testing.assert_close(norm(x), want, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6)
+    gemma = GemmaRMSNorm(200)
+    assert kernels.use_c_norms(gemma) == 0 and "forward" not in vars(gemma)
