@@ -293,6 +293,11 @@ int ckernels_matvec(const uint8_t *q, const void *s, int kind, int rows, int col
     return 0;
 }
 
+/* silu(gate) * up, in place over the gate half of one token's [gate | up] row. */
+static void silu_mul(float *g, int inter) {
+    for (int i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
+}
+
 /* A SiLU-gated expert for M tokens: y [M x hidden] = down(silu(gate x) * up x), in one parallel region.
  * gate_up is [2 inter x hidden] (gate rows, then up rows), down [hidden x inter]. */
 int ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup, const uint8_t *dq,
@@ -307,10 +312,7 @@ int ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup, 
         rows_any(gq, gs, gkind, 2 * inter, hidden, ggroup, xs, M, lut, gate);
 #pragma omp single
         {
-            for (int m = 0; m < M; m++) {  /* silu(gate) * up, in place over the gate half of each token's row */
-                float *g = gate + (long)m * 2 * inter;
-                for (int i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
-            }
+            for (int m = 0; m < M; m++) silu_mul(gate + (long)m * 2 * inter, inter);
             for (int m = 0; m < M; m++)
                 split(gate + (long)m * 2 * inter, inter, hs + (long)m * (inter / 2), hs + (long)(M + m) * (inter / 2));
         }
@@ -324,12 +326,12 @@ int ckernels_silu_mlp(const uint8_t *gq, const void *gs, int gkind, int ggroup, 
  * (max |x| / 127), and 64 codes at a time meet 64 int8 values in one vpdpbusd (unsigned code x signed int8, four
  * products summed into each int32 lane), against 16 lanes of float fmas per 32 codes in rows_block. Codes are
  * stored +8: each lane starts from -8 x the sum of its four int8 values. Groups of 32 only (one block, one scale). */
+static inline int pad64(int cols) { return (cols + 63) / 64 * 64; }  /* an int8 x's length, in pairs of blocks */
+
 #ifdef __AVX512VNNI__
 /* x [cols] (cols % 32 == 0) as int8 blocks laid out pairwise as the codes unpack: [A even, B even, A odd, B odd],
  * 16 bytes each, an odd last block paired with zeros; dx[b] each block's scale; corr: each int32 lane's -8 x the
  * sum of its four int8 values. The arrays hold pad(cols) = cols rounded up to 64 values. */
-static inline int pad64(int cols) { return (cols + 63) / 64 * 64; }
-
 static void quantize_q8(const float *x, int cols, int8_t *xq, float *dx, int32_t *corr) {
     const int blocks = cols / 32;
     if (blocks % 2) {
@@ -408,33 +410,74 @@ int ckernels_q8_ok(int cols, int group) {
 #endif
 }
 
-/* ckernels_silu_mlp for one token with int8 activations: x and silu(gate) * up each rounded per block of 32.
- * int4 codes, groups of 32 (ckernels_q8_ok); -2 without AVX-512 VNNI. */
-int ckernels_silu_mlp_q8(const uint8_t *gq, const void *gs, int gkind, const uint8_t *dq, const void *ds, int dkind,
-                         int hidden, int inter, const float *x, float *y, int threads) {
-#ifndef __AVX512VNNI__
-    return -2;
-#else
-    const long ph = pad64(hidden), pi = pad64(inter), n = ph + pi;  /* int8 values, block scales, lane corrections */
-    float *gate = malloc(sizeof(float) * 2 * inter + n + sizeof(float) * (n / 32) + sizeof(int32_t) * (n / 4) + 64);
-    if (!gate) return -1;
-    int8_t *xq = (int8_t *)(gate + 2 * inter), *hq = xq + ph;
-    float *dx = (float *)(((uintptr_t)(hq + pi) + 63) & ~(uintptr_t)63), *hdx = dx + ph / 32;
-    int32_t *corr = (int32_t *)(hdx + pi / 32), *hcorr = corr + ph / 4;
-    quantize_q8(x, hidden, xq, dx, corr);
-#pragma omp parallel num_threads(threads)
-    {
-        rows_q8(gq, gs, gkind, 2 * inter, hidden, xq, dx, corr, gate);
+/* One expert for one token, inside a parallel region (its rows shared among the region's threads; a team of one
+ * where experts are shared out instead): p = gate_up codes, scales, down codes, scales, output. x is shared: split
+ * (float) or rounded (int8: xq, dx, corr); work holds the expert's own intermediate values. */
+static void expert_one(const uintptr_t *p, int gkind, int ggroup, int dkind, int dgroup, int hidden, int inter,
+                       const float *lut, int int8, char *xshared, char *work) {
+    float *gate = (float *)work, *y = (float *)p[4];
+    const uint8_t *gq = (const uint8_t *)p[0], *dq = (const uint8_t *)p[2];
+    const void *gs = (const void *)p[1], *ds = (const void *)p[3];
+    if (!int8) {
+        float *hs = gate + 2 * inter;
+        rows_any(gq, gs, gkind, 2 * inter, hidden, ggroup, (const float *)xshared, 1, lut, gate);
 #pragma omp single
         {
-            for (int i = 0; i < inter; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * gate[inter + i];
-            quantize_q8(gate, inter, hq, hdx, hcorr);
+            silu_mul(gate, inter);
+            split(gate, inter, hs, hs + inter / 2);
         }
-        rows_q8(dq, ds, dkind, hidden, inter, hq, hdx, hcorr, y);
+        rows_any(dq, ds, dkind, hidden, inter, dgroup, hs, 1, lut, y);
+        return;
     }
-    free(gate);
-    return 0;
+#ifdef __AVX512VNNI__
+    const long ph = pad64(hidden), pi = pad64(inter);
+    int8_t *xq = (int8_t *)xshared, *hq = (int8_t *)(gate + 2 * inter);
+    float *dx = (float *)(xq + ph), *hdx = (float *)(hq + pi);
+    int32_t *corr = (int32_t *)(dx + ph / 32), *hcorr = (int32_t *)(hdx + pi / 32);
+    rows_q8(gq, gs, gkind, 2 * inter, hidden, xq, dx, corr, gate);
+#pragma omp single
+    {
+        silu_mul(gate, inter);
+        quantize_q8(gate, inter, hq, hdx, hcorr);
+    }
+    rows_q8(dq, ds, dkind, hidden, inter, hq, hdx, hcorr, y);
 #endif
+}
+
+/* n SiLU-gated int4 experts for one token x [hidden] (decode): parts holds each expert's five pointers (gate_up
+ * codes and scales, down codes and scales, its output [hidden]). One expert: its rows shared among the threads.
+ * Several: each expert whole on one thread (measured faster: no barrier inside an expert, one long stream of
+ * rows per thread). int8 (opt-in, lossy): x and each intermediate rounded per block of 32 (groups of 32 only,
+ * ckernels_q8_ok); -2 without AVX-512 VNNI. */
+int ckernels_experts_one(const uintptr_t *parts, int n, int gkind, int ggroup, int dkind, int dgroup, int hidden,
+                         int inter, const float *lut, int int8, const float *x, int threads) {
+#ifndef __AVX512VNNI__
+    if (int8) return -2;
+#endif
+    const long ph = pad64(hidden), pi = pad64(inter);
+    const long shared = (4L * hidden + 2 * ph + ph / 8 + 63) / 64 * 64;  /* split x, or int8 x, scales, corrections */
+    const long per = (12L * inter + 2 * pi + pi / 8 + 63) / 64 * 64;    /* gate_up output, then the intermediate */
+    char *buf = NULL;
+    if (posix_memalign((void **)&buf, 64, shared + n * per)) return -1;
+    if (int8) {
+#ifdef __AVX512VNNI__
+        quantize_q8(x, hidden, (int8_t *)buf, (float *)(buf + ph), (int32_t *)(buf + ph + ph / 8));
+#endif
+    } else {
+        split(x, hidden, (float *)buf, (float *)buf + hidden / 2);
+    }
+    if (n == 1) {
+#pragma omp parallel num_threads(threads)
+        expert_one(parts, gkind, ggroup, dkind, dgroup, hidden, inter, lut, int8, buf, buf + shared);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int e = 0; e < n; e++) {
+#pragma omp parallel num_threads(1)
+            expert_one(parts + 5 * e, gkind, ggroup, dkind, dgroup, hidden, inter, lut, int8, buf, buf + shared + e * per);
+        }
+    }
+    free(buf);
+    return 0;
 }
 
 /* ---- one query's attention (decode) ----

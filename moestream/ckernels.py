@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_kquant_matvec.argtypes = [p, i, i, i, p, i, p, i]
     lib.ckernels_kquant_matvec.restype = i
     lib.ckernels_q8_ok.argtypes = [i, i]
-    lib.ckernels_silu_mlp_q8.argtypes = [p, p, i, p, p, i, i, i, p, p, i]
-    lib.ckernels_silu_mlp_q8.restype = i
+    lib.ckernels_experts_one.argtypes = [p, i, i, i, i, i, i, i, p, i, p, i]
+    lib.ckernels_experts_one.restype = i
     lib.ckernels_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, *[ctypes.c_long] * 7, ctypes.c_float, i]
     lib.ckernels_attend_one.restype = i
     lib.ckernels_weighted_sum.argtypes = [p, p, i, i, p, p, i]
@@ -233,7 +234,7 @@ def matvec(x: torch.Tensor, w) -> torch.Tensor:
 @dataclass(frozen=True)
 class ExpertLayout:
     """Where a SiLU-gated int4 expert's parts lie in its store record (byte offsets of gate_up's codes and
-    scales, then down's), with what ckernels_silu_mlp needs to read them: decode computes straight from
+    scales, then down's), with what ckernels_experts_one needs to read them: decode computes straight from
     the record's bytes, with no views or weight objects per expert."""
 
     offsets: tuple[int, int, int, int]
@@ -267,13 +268,6 @@ def expert_layout(slots) -> ExpertLayout | None:
                         hidden, inter)
 
 
-def _silu_mlp(ptrs: tuple[int, int, int, int], kinds, groups, hidden: int, inter: int, codes: str, x: torch.Tensor,
-              y: torch.Tensor) -> None:
-    _ok(_lib.ckernels_silu_mlp(ptrs[0], ptrs[1], kinds[0], groups[0], ptrs[2], ptrs[3], kinds[1], groups[1],
-                               hidden, inter, TABLES[codes].data_ptr(), x.data_ptr(), x.numel() // hidden,
-                               y.data_ptr(), torch.get_num_threads()))
-
-
 def int8_available() -> bool:
     """Whether the int8-activation kernel was built: AVX-512 VNNI."""
     return _load() is not None and bool(_lib.ckernels_q8_ok(32, 32))
@@ -285,18 +279,17 @@ def int8_ok(layout: ExpertLayout) -> bool:
             and bool(_lib.ckernels_q8_ok(layout.hidden, 32)) and bool(_lib.ckernels_q8_ok(layout.inter, 32)))
 
 
-def record_mlp(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, y: torch.Tensor,
+def record_mlp(records: Sequence[torch.Tensor], layout: ExpertLayout, x: torch.Tensor, outs: Sequence[torch.Tensor],
                int8: bool = False) -> None:
-    """One token x [hidden] float32 through the expert stored in `record` (uint8, `layout`), into y [hidden]
-    float32 (both contiguous). `int8` (lossy, where int8_ok(layout)): x and the expert's intermediate
-    activations rounded per block of 32 to int8, the products integer dot products, as llama.cpp's
-    Q4_0 x Q8_0."""
-    p = tuple(record.data_ptr() + o for o in layout.offsets)
-    if int8:
-        _ok(_lib.ckernels_silu_mlp_q8(p[0], p[1], layout.kinds[0], p[2], p[3], layout.kinds[1], layout.hidden,
-                                      layout.inter, x.data_ptr(), y.data_ptr(), torch.get_num_threads()))
-    else:
-        _silu_mlp(p, layout.kinds, layout.groups, layout.hidden, layout.inter, "int4", x, y)
+    """One token x [hidden] float32 through the experts stored in `records` (uint8, `layout`), each into its
+    `outs` row ([hidden] float32; all contiguous). Several experts are shared out among the threads, each
+    computed whole by one. `int8` (lossy, where int8_ok(layout)): x and the experts' intermediate activations
+    rounded per block of 32 to int8, the products integer dot products, as llama.cpp's Q4_0 x Q8_0."""
+    parts = (ctypes.c_uint64 * (5 * len(records)))(*[
+        p for r, y in zip(records, outs) for p in (*(r.data_ptr() + o for o in layout.offsets), y.data_ptr())])
+    _ok(_lib.ckernels_experts_one(parts, len(records), layout.kinds[0], layout.groups[0], layout.kinds[1],
+                                  layout.groups[1], layout.hidden, layout.inter, TABLES["int4"].data_ptr(), int(int8),
+                                  x.data_ptr(), torch.get_num_threads()))
 
 
 def silu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:
@@ -304,7 +297,9 @@ def silu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:
     [tokens, hidden]."""
     inter, hidden = gate_up.q.shape[0] // 2, down.q.shape[0]
     y = torch.empty(x.shape[0], hidden)
-    _silu_mlp((gate_up.q.data_ptr(), gate_up.scale.data_ptr(), down.q.data_ptr(), down.scale.data_ptr()),
-              (SCALE_KINDS[gate_up.scale.dtype], SCALE_KINDS[down.scale.dtype]),
-              (hidden // gate_up.scale.shape[1], inter // down.scale.shape[1]), hidden, inter, gate_up.codes, x, y)
+    _ok(_lib.ckernels_silu_mlp(gate_up.q.data_ptr(), gate_up.scale.data_ptr(), SCALE_KINDS[gate_up.scale.dtype],
+                               hidden // gate_up.scale.shape[1], down.q.data_ptr(), down.scale.data_ptr(),
+                               SCALE_KINDS[down.scale.dtype], inter // down.scale.shape[1], hidden, inter,
+                               TABLES[gate_up.codes].data_ptr(), x.data_ptr(), x.shape[0], y.data_ptr(),
+                               torch.get_num_threads()))
     return y

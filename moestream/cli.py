@@ -547,8 +547,8 @@ def _inspect(args) -> int:
     q = s.meta["quant"]["experts"]
     lossy = s.meta["quant"].get("lossy", q in ("int8_channel",) or q.startswith("int4_g"))
     print(f"  dtype         {summary['dtype']}, experts format: {q}" + (
-        " (LOSSY: quantised by moestream convert)" if lossy else " (as quantised in the GGUF file)"
-        if q.startswith("gguf") else " (exact: as the source stores them)"))
+        " (as quantised in the GGUF file)" if q.startswith("gguf") else " (LOSSY: quantised by moestream convert)"
+        if lossy else " (exact: as the source stores them)"))
     dq = s.meta["quant"].get("dense", "none")
     if dq != "none":
         print(f"  dense format  {dq}" + (" (exact: as the source stores them)" if dq.startswith("fp8") else " (LOSSY)"))

@@ -443,13 +443,19 @@ def convert_gguf(path: Path, out: Path, force: bool = False, progress: bool = Tr
         except Exception as e:  # a store without a tokenizer still runs on token ids
             print(f"note: {path.name}: no tokenizer from the GGUF metadata ({type(e).__name__}: {e})", file=sys.stderr)
         experts_format = "gguf " + ",".join(sorted(types["experts"]))
+        # dense types `dtype` does not hold exactly (F16 in bfloat16: 7 mantissa bits for 10; block types
+        # dequantise exactly only in float32)
+        exact = {"F32": (torch.float32,), "F16": (torch.float16, torch.float32), "BF16": (torch.bfloat16, torch.float32)}
+        rounded = sorted(t for t in types["dense"] if dtype not in exact.get(t, (torch.float32,)))
         transcoded = sorted({f"{k}->{v}" for k, v in TRANSCODED.items() if k in types["experts"]})
         write_meta(tmp, source={"model": str(path), "path": str(path), "revision": None,
                                 "files": {path.name: path.stat().st_size}, "gguf_architecture": arch},
                    config=config, model=model, dtype=dtype,
                    quant={"experts": experts_format, "experts_transcoded": transcoded,
-                          "dense": "int8_channel" if int8 else "none", "lossy": bool(int8),
+                          "dense": "int8_channel" if int8 else "none", "lossy": bool(int8 or rounded),
                           "dense_source": f"gguf {','.join(sorted(types['dense']))} -> "
-                                          f"{'int8' if int8 else str(dtype).removeprefix('torch.')}"},
+                                          f"{'int8' if int8 else str(dtype).removeprefix('torch.')}" + (
+                                              f" (LOSSY: {','.join(rounded)} rounded; --dtype float32 keeps "
+                                              "them exact)" if rounded and not int8 else "")},
                    dense_bytes=dense_bytes, dense_tensors=len(specs), layers=layers, seconds=time.time() - t0)
     return out

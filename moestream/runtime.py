@@ -149,8 +149,11 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         if one and src.layout is not None:  # straight from the records' bytes; the same sums as the loop below
             x32, row = hidden_states.to(torch.float32).view(-1), {e: j for j, e in enumerate(group)}
             ys = torch.empty(len(group), x32.shape[0])
-            for e, record in landed:
-                ckernels.record_mlp(record, src.layout, x32, ys[row[e]], src.int8)
+            if fetch.ready:  # the hits in one call, shared out among the threads
+                ckernels.record_mlp(list(fetch.ready.values()), src.layout, x32, [ys[row[e]] for e in fetch.ready],
+                                    src.int8)
+            for e, record in fetch.arrivals():
+                ckernels.record_mlp([record], src.layout, x32, [ys[row[e]]], src.int8)
             slots = [slot[e] for e in group]
             if not ckernels.weighted_sum(ys, slots, top_k_weights[0], final.view(-1)):
                 ys = ys.to(hidden_states.dtype) * top_k_weights[0, slots, None]

@@ -64,7 +64,7 @@ def test_silu_mlp_and_record_mlp_equal_the_torch_kernel():
     layout = ckernels.expert_layout(slots)
     assert layout is not None and layout.hidden == hidden and layout.inter == inter
     y = torch.empty(hidden)
-    ckernels.record_mlp(record, layout, x.view(-1), y)
+    ckernels.record_mlp([record], layout, x.view(-1), [y])
     torch.testing.assert_close(y.view(1, -1), want, rtol=1e-5, atol=1e-6)
     # layouts these kernels do not compute: an extra part (a bias), groups of 16
     bias = TensorSlot("down_proj_bias", "float32", (hidden,), offset)
@@ -217,12 +217,31 @@ def test_record_mlp_int8_is_the_product_of_the_rounded_activations(hidden, inter
 
     want, exact = expert(q8_rounded), expert(lambda t: t)
     got = torch.empty(hidden)
-    ckernels.record_mlp(record, layout, x, got, int8=True)
+    ckernels.record_mlp([record], layout, x, [got], int8=True)
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
     err = ((got.double() - exact).norm() / exact.norm()).item()
     assert 1e-4 < err < 0.05
-    ckernels.record_mlp(record, layout, x, got)
+    ckernels.record_mlp([record], layout, x, [got])
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
+
+
+@needs_c
+@pytest.mark.parametrize("int8", [False, True])
+def test_record_mlp_shares_several_experts_out_with_the_same_results(int8):
+    """Several experts in one call (each whole on one thread, outputs in rows given in any order) equal each
+    computed alone with its rows shared among the threads."""
+    if int8 and not ckernels.int8_available():
+        pytest.skip("no AVX-512 VNNI: no int8-activation kernel")
+    torch.manual_seed(0)
+    experts = [expert_record(256, 96) for _ in range(5)]
+    layout = experts[0][1]
+    x = torch.randn(256)
+    together = torch.empty(5, 256)
+    ckernels.record_mlp([r for r, _, _ in experts], layout, x, [together[j] for j in (3, 0, 4, 1, 2)], int8)
+    for i, j in enumerate((3, 0, 4, 1, 2)):
+        alone = torch.empty(256)
+        ckernels.record_mlp([experts[i][0]], layout, x, [alone], int8)
+        assert torch.equal(together[j], alone)
 
 
 @needs_c

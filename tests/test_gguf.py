@@ -266,7 +266,9 @@ def test_cli_convert_and_run_a_gguf_file(tmp_path, tok, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "experts format       gguf Q8_0" in err
     assert main(["inspect", str(tmp_path / "store")]) == 0
-    assert "gguf Q8_0" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the default bfloat16 cannot hold the file's F32 dense weights exactly
+    assert "gguf Q8_0 (as quantised in the GGUF file)" in out
+    assert "dense source  gguf F32 -> bfloat16 (LOSSY: F32 rounded; --dtype float32 keeps them exact)" in out
     assert main(["inspect", str(path)]) == 0  # the file itself: metadata and tensor table only
     out = capsys.readouterr().out
     assert "2 MoE layers x 8 experts, top-2" in out and "Q8_0" in out and "supported     yes" in out
@@ -279,8 +281,9 @@ def test_gguf_dense_int8(tmp_path, tok):
     path = export_gguf(qwen3(), tmp_path / "m.gguf", tok, experts="Q4_0")
     exact = convert(str(path), tmp_path / "exact", dtype=torch.float32, progress=False)
     small = convert(str(path), tmp_path / "int8", dtype=torch.float32, dense="int8", progress=False)
-    meta = json.loads((small / "store.json").read_text())["quant"]
-    assert meta["dense"] == "int8_channel" and json.loads((exact / "store.json").read_text())["quant"]["dense"] == "none"
+    meta, exact_meta = (json.loads((p / "store.json").read_text())["quant"] for p in (small, exact))
+    assert meta["dense"] == "int8_channel" and meta["lossy"]
+    assert exact_meta["dense"] == "none" and not exact_meta["lossy"] and "LOSSY" not in exact_meta["dense_source"]
     assert Store.open(small).dense_bytes < 0.6 * Store.open(exact).dense_bytes  # the fp32 embedding stays
     ids = torch.tensor([PROMPT])
     with moestream.load(exact, cache="1MB", progress=False) as a, moestream.load(small, cache="1MB", progress=False) as b:

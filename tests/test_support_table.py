@@ -38,6 +38,9 @@ def rows() -> list[tuple[str, str, str, str]]:
              "tests/test_quant.py::test_quantised_store_computes_exactly_its_dequantised_weights[int4z]"),
             ("qwen3_moe", "int4 g32 experts (`--experts int4`, lossy)", "KL and top-1 bounds against the exact model",
              "tests/test_quant.py::test_eval_kl_bounds"),
+            ("qwen3_moe", "int4 g32 experts, int8 activations (`--activations int8`, lossy, AVX-512 VNNI)",
+             "int8 kernel equal to the product of the rounded activations; KL and top-1 bounds against float ones",
+             "tests/test_quant.py::test_int8_activations_are_close_labelled_and_opt_in"),
             ("qwen3_moe", "int8 dense (`--dense int8`, lossy)", "exact to its dequantised weights; KL bound",
              "tests/test_quant.py::test_dense_int8_computes_its_dequantised_weights")]
     out += [(f, w, p, f"tests/test_native.py::{t}") for f, w, p, t in TABLE]
