@@ -34,7 +34,7 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="int8: round each one-token expert's inputs to int8 per block of 32 and multiply with integer "
                         "dot products, as llama.cpp's Q4_0 x Q8_0 (LOSSY, opt-in; int4 experts with groups of 32, "
-                        "CPUs with AVX-512 VNNI; ~2x faster expert kernel). Default float: exact")
+                        "CPUs with AVX-512 VNNI; an expert read from memory in 0.08 against 0.15 ms here). Default float: exact")
     g.add_argument("--pin", metavar="PROFILE", help="keep the experts a profile (`moestream profile`) found "
                                                    "hottest resident: loaded at start, never evicted")
     g.add_argument("--pin-share", type=float, default=0.5, help="share of the expert cache --pin may take "

@@ -309,9 +309,10 @@ def _c_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def use_c_norms(model: torch.nn.Module) -> int:
-    """Give the RMSNorm modules whose forward is transformers' standard one the C kernel (ckernels.rms_norm, the
-    same float32 arithmetic in one call instead of eight torch ops, ~40 us, about 100 times a decode token);
-    returns how many. Any other normalisation (Gemma's 1 + weight, ...) keeps its own forward."""
+    """Give the RMSNorm modules whose forward is transformers' standard one the C kernel (ckernels.rms_norm: the
+    same float32 arithmetic, the sum of squares in another order, in one call instead of eight torch ops; 7
+    against 24 us for [1, 2048] bf16 here, about 100 calls a decode token); returns how many. Any other
+    normalisation (Gemma's 1 + weight, ...) keeps its own forward."""
     if not ckernels.available():
         return 0
     standard: dict[type, bool] = {}

@@ -145,7 +145,6 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         if i == 0 and src.lookahead is not None:
             _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
-        landed = itertools.chain(fetch.ready.items(), fetch.arrivals())
         if one and src.layout is not None:  # straight from the records' bytes; the same sums as the loop below
             x32, row = hidden_states.to(torch.float32).view(-1), {e: j for j, e in enumerate(group)}
             ys = torch.empty(len(group), x32.shape[0])
@@ -161,7 +160,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                     final += ys[j]
             continue
         outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e, record in landed:
+        for e, record in itertools.chain(fetch.ready.items(), fetch.arrivals()):
             tok, x, scale = routed(e)
             outs[e] = tok, _expert_output(self, src, record, x, scale)
         for e in group:  # accumulate in ascending expert order, as transformers' eager loop does: same bits
@@ -375,6 +374,14 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         replace_linears(model, names, lambda i, o, b: Fp8Linear(i, o, b, dtype, block, device="meta"))
     elif CPU_KERNELS and device.type == "cpu" and use_matvec_linears(model, dtype):
         matvec = True
+    layouts = {name: ckernels.expert_layout(layers[name].tensors) if _silu_gated(mod) and device.type == "cpu"
+               and CPU_KERNELS and not getattr(mod, "is_transposed", False) and not getattr(mod, "input_scaled", False)
+               else None for name, mod in experts.items()}
+    if activations == "int8":
+        refused = sorted(layers[n].layer for n, lay in layouts.items() if lay is None or not ckernels.int8_ok(lay))
+        if refused:
+            raise ValueError(f"--activations int8: {store.root} layer {refused[0]}'s experts are not int4 with groups "
+                             "of 32 computed by the C kernels (AVX-512 VNNI): only those take int8 activations")
     _fill_dense(model, store, device)
     if device.type == "cpu":
         use_fast_attention(model)
@@ -407,15 +414,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
             if routers[names[i + 1]] is None:
                 raise StoreError(f"--prefetch lookahead: no router found beside {names[i + 1]}")
             ahead = (layers[names[i + 1]], model.get_submodule(routers[names[i + 1]]).weight)
-        gated = _silu_gated(experts[name])
-        layout = (ckernels.expert_layout(layers[name].tensors) if gated and device.type == "cpu" and CPU_KERNELS
-                  and not getattr(experts[name], "is_transposed", False)
-                  and not getattr(experts[name], "input_scaled", False) else None)
-        if activations == "int8" and (layout is None or not ckernels.int8_ok(layout)):
-            raise ValueError(f"--activations int8: {store.root} layer {layers[name].layer}'s experts are not int4 with "
-                             "groups of 32 computed by the C kernels (AVX-512 VNNI): only those take int8 activations")
-        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead, gated,
-                                               layout, activations == "int8")
+        experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead,
+                                               _silu_gated(experts[name]), layouts[name], activations == "int8")
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)
