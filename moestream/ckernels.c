@@ -39,14 +39,40 @@ static void split(const float *x, int cols, float *xe, float *xo) {
     }
 }
 
-/* n <= 16 scales from s[i] as floats, zeros past n. */
-static inline __m512 load_scales(const void *s, int kind, long i, int n) {
+/* n <= 16 values of dtype `kind` (float32, float16, bfloat16) from p[i..] as floats, zeros past n. */
+static inline __m512 load_floats(const void *s, int kind, long i, int n) {
     const __mmask16 m = (__mmask16)((1u << n) - 1);
     if (kind == SCALE_F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)s + i));
     if (kind == SCALE_BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)s + i)), 16));
     return _mm512_maskz_loadu_ps(m, (const float *)s + i);
+}
+
+/* 16 floats rounded to bfloat16 (nearest even; NaN kept), as the bits of their upper halves. */
+static inline __m512i bf16_bits(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), r, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+
+/* f rounded to the dtype `kind` (nearest even), as floats. */
+static inline __m512 round_vec(__m512 f, int kind) {
+    if (kind == SCALE_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (kind == SCALE_BF16) return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(f), _mm512_set1_epi32((int)0xffff0000u)));
+    return f;
+}
+
+/* n <= 16 floats stored at p[i..] in the dtype `kind`, rounded to nearest even. */
+static inline void store_vec(void *p, long i, __m512 f, int kind, int n) {
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    if (kind == SCALE_F16)
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else if (kind == SCALE_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(f), 16)));
+    else
+        _mm512_mask_storeu_ps((float *)p + i, m, f);
 }
 
 /* ROWS rows at once, one accumulator each: independent chains (one fma per group and row would
@@ -62,7 +88,7 @@ static void rows_block(const uint8_t *q, long stride, const void *s, int kind, l
     for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 16) {
         const int n = groups - g0 < 16 ? groups - g0 : 16;
-        for (int i = 0; i < ROWS; i++) sv[i] = load_scales(s, kind, s0 + i * sstride + g0, n);
+        for (int i = 0; i < ROWS; i++) sv[i] = load_floats(s, kind, s0 + i * sstride + g0, n);
         for (int j = 0; j < n; j++) {
             const long g = g0 + j;
             const __m512i lane = _mm512_set1_epi32(j);
@@ -242,13 +268,6 @@ int ckernels_kquant_matvec(const uint8_t *w, int bits, int rows, int cols, const
     return 0;
 }
 
-/* n <= 16 half-precision (bf16 or fp16) values from p as floats, zeros past n. */
-static inline __m512 load_half(const uint16_t *p, int kind, int n) {
-    const __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
-    if (kind == SCALE_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* y [rows] = W x for a dense half-precision W [rows x cols] and x [cols] of the same dtype: each product
  * exact in float32 (a half times a half), summed in float32 as torch's F.linear does, in another order.
  * Memory-bound: one row at a time streamed with four accumulators (4-row blocks with prefetch measured
@@ -258,7 +277,7 @@ int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const
     if (!xf) return -1;
     for (int k = 0; k < cols; k += 16) {
         const int n = cols - k < 16 ? cols - k : 16;
-        _mm512_mask_storeu_ps(xf + k, (__mmask16)((1u << n) - 1), load_half(x + k, kind, n));
+        _mm512_mask_storeu_ps(xf + k, (__mmask16)((1u << n) - 1), load_floats(x + k, kind, 0, n));
     }
     const int full = cols / 64 * 64;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -266,14 +285,14 @@ int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const
         const uint16_t *wr = w + (long)r * cols;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int k = 0; k < full; k += 64) {
-            a0 = _mm512_fmadd_ps(load_half(wr + k, kind, 16), _mm512_loadu_ps(xf + k), a0);
-            a1 = _mm512_fmadd_ps(load_half(wr + k + 16, kind, 16), _mm512_loadu_ps(xf + k + 16), a1);
-            a2 = _mm512_fmadd_ps(load_half(wr + k + 32, kind, 16), _mm512_loadu_ps(xf + k + 32), a2);
-            a3 = _mm512_fmadd_ps(load_half(wr + k + 48, kind, 16), _mm512_loadu_ps(xf + k + 48), a3);
+            a0 = _mm512_fmadd_ps(load_floats(wr + k, kind, 0, 16), _mm512_loadu_ps(xf + k), a0);
+            a1 = _mm512_fmadd_ps(load_floats(wr + k + 16, kind, 0, 16), _mm512_loadu_ps(xf + k + 16), a1);
+            a2 = _mm512_fmadd_ps(load_floats(wr + k + 32, kind, 0, 16), _mm512_loadu_ps(xf + k + 32), a2);
+            a3 = _mm512_fmadd_ps(load_floats(wr + k + 48, kind, 0, 16), _mm512_loadu_ps(xf + k + 48), a3);
         }
         for (int k = full; k < cols; k += 16) {
             const int n = cols - k < 16 ? cols - k : 16;
-            a0 = _mm512_fmadd_ps(load_half(wr + k, kind, n), _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), xf + k), a0);
+            a0 = _mm512_fmadd_ps(load_floats(wr + k, kind, 0, n), _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), xf + k), a0);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
@@ -367,7 +386,7 @@ static void rows_block_q8(const uint8_t *q, long stride, const void *s, int kind
     for (int b0 = 0; b0 < blocks; b0 += 16) {
         const int n = blocks - b0 < 16 ? blocks - b0 : 16;
         const __m512 dxv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), dx + b0);
-        for (int i = 0; i < Q8_ROWS; i++) cv[i] = _mm512_mul_ps(load_scales(s, kind, s0 + i * sstride + b0, n), dxv);
+        for (int i = 0; i < Q8_ROWS; i++) cv[i] = _mm512_mul_ps(load_floats(s, kind, s0 + i * sstride + b0, n), dxv);
         for (int j = 0; j < n; j += 2) {  /* an odd last block: its partner's scale lanes are 0 (n masks them) */
             const long b = b0 + j;
             const __mmask32 whole = b + 1 < blocks ? 0xFFFFFFFFu : 0xFFFFu;
@@ -491,18 +510,6 @@ int ckernels_experts_one(const uintptr_t *parts, int n, int gkind, int ggroup, i
  * softmax and the weighted sum in float32, as torch's CPU flash attention computes them (in another order); the
  * output rounded to nearest even. A hidden position adds exact zeros: a padded row gets its unpadded bits.
  * torch's sdpa spends ~0.3 ms on this per layer here, for microseconds of work. */
-static inline __m512 load_any(const void *p, long i, int kind, int n) {
-    if (kind == 0) return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), (const float *)p + i);
-    return load_half((const uint16_t *)p + i, kind == 1 ? SCALE_F16 : SCALE_BF16, n);
-}
-
-static inline uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
 int ckernels_attend_one(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind, int B,
                         int hq, int hkv, int T, int dk, int dv, long qb, long kb, long kh, long kt, long vb, long vh,
                         long vt, float scale, int threads) {
@@ -524,7 +531,7 @@ int ckernels_attend_one(const void *q, const void *k, const void *v, const uint8
             __m512 a = _mm512_setzero_ps();
             for (int d = 0; d < dk; d += 16) {
                 const int n = dk - d < 16 ? dk - d : 16;
-                a = _mm512_fmadd_ps(load_any(q, q0 + d, kind, n), load_any(k, k0 + t * kt + d, kind, n), a);
+                a = _mm512_fmadd_ps(load_floats(q, kind, q0 + d, n), load_floats(k, kind, k0 + t * kt + d, n), a);
             }
             sc[t] = _mm512_reduce_add_ps(a) * scale;
             top = fmaxf(top, sc[t]);
@@ -536,57 +543,29 @@ int ckernels_attend_one(const void *q, const void *k, const void *v, const uint8
             for (int d = 0; d < dv; d += 16) {
                 const int n = dv - d < 16 ? dv - d : 16;
                 const __mmask16 mm = (__mmask16)((1u << n) - 1);
-                _mm512_mask_storeu_ps(acc + d, mm, _mm512_fmadd_ps(p, load_any(v, v0 + t * vt + d, kind, n),
+                _mm512_mask_storeu_ps(acc + d, mm, _mm512_fmadd_ps(p, load_floats(v, kind, v0 + t * vt + d, n),
                                                                    _mm512_maskz_loadu_ps(mm, acc + d)));
             }
         }
-        for (int d = 0; d < dv; d++) {
-            const float o = acc[d] / sum;
-            const long i = (long)bh * dv + d;
-            if (kind == 0) ((float *)out)[i] = o;
-            else if (kind == 1) ((uint16_t *)out)[i] = _cvtss_sh(o, _MM_FROUND_TO_NEAREST_INT);
-            else ((uint16_t *)out)[i] = bf16_round(o);
+        for (int d = 0; d < dv; d += 16) {
+            const int n = dv - d < 16 ? dv - d : 16;
+            store_vec(out, (long)bh * dv + d, _mm512_div_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), acc + d),
+                                                             _mm512_set1_ps(sum)), kind, n);
         }
     }
     free(buf);
     return 0;
 }
 /* ---- small per-layer steps of a decode token, each one call instead of several torch ops ---- */
-/* 16 floats rounded to bfloat16 (nearest even; NaN kept), as the bits of their upper halves. */
-static inline __m512i bf16_bits(__m512 f) {
-    const __m512i u = _mm512_castps_si512(f);
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), r, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-}
-
-/* f rounded to the dtype `kind` (nearest even), as floats. */
-static inline __m512 round_vec(__m512 f, int kind) {
-    if (kind == SCALE_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    if (kind == SCALE_BF16) return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(f), _mm512_set1_epi32((int)0xffff0000u)));
-    return f;
-}
-
-/* n <= 16 floats stored at p[i..] in the dtype `kind`, rounded to nearest even. */
-static inline void store_vec(void *p, long i, __m512 f, int kind, int n) {
-    const __mmask16 m = (__mmask16)((1u << n) - 1);
-    if (kind == SCALE_F16)
-        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    else if (kind == SCALE_BF16)
-        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(f), 16)));
-    else
-        _mm512_mask_storeu_ps((float *)p + i, m, f);
-}
-
 /* out [hidden] (kind) += round(round(ys[j]) * w[slot[j]]) for j = 0..n-1 in order, rounding to out's dtype after
  * each step: transformers' eager loop (expert output cast, times its routing weight, index_add_) bit for bit,
  * for one token whose n experts' float32 outputs are the rows of ys. w: the token's routing weights (kind). */
 int ckernels_weighted_sum(const float *ys, const int *slot, int n, int hidden, const void *w, void *out, int kind) {
     for (int i = 0; i < hidden; i += 16) {
         const int m = hidden - i < 16 ? hidden - i : 16;
-        __m512 acc = load_any(out, i, kind, m);
+        __m512 acc = load_floats(out, kind, i, m);
         for (int j = 0; j < n; j++) {
-            const __m512 wj = _mm512_set1_ps(_mm512_cvtss_f32(load_any(w, slot[j], kind, 1)));
+            const __m512 wj = _mm512_set1_ps(_mm512_cvtss_f32(load_floats(w, kind, slot[j], 1)));
             const __m512 y = round_vec(_mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), ys + (long)j * hidden + i), kind);
             acc = round_vec(_mm512_add_ps(acc, round_vec(_mm512_mul_ps(y, wj), kind)), kind);
         }
@@ -603,14 +582,14 @@ int ckernels_rms_norm(const void *x, const void *w, void *out, int kind, int row
         __m512 acc = _mm512_setzero_ps();
         for (int i = 0; i < n; i += 16) {
             const int m = n - i < 16 ? n - i : 16;
-            const __m512 v = load_any(x, o + i, kind, m);
+            const __m512 v = load_floats(x, kind, o + i, m);
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / n + eps));
         for (int i = 0; i < n; i += 16) {
             const int m = n - i < 16 ? n - i : 16;
-            const __m512 h = round_vec(_mm512_mul_ps(load_any(x, o + i, kind, m), inv), kind);
-            store_vec(out, o + i, _mm512_mul_ps(load_any(w, i, kind, m), h), kind, m);
+            const __m512 h = round_vec(_mm512_mul_ps(load_floats(x, kind, o + i, m), inv), kind);
+            store_vec(out, o + i, _mm512_mul_ps(load_floats(w, kind, i, m), h), kind, m);
         }
     }
     return 0;
