@@ -7,6 +7,7 @@ layer and summed on demand. The simulator runs this same class with a reader tha
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -15,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .policy import LRU, Key, Policy
-from .reader import AlignedBuffer, RecordReader
+from .reader import AlignedBuffer, RecordReader, huge_region
 from .sizes import format_size
 from .store import LayerInfo
 
@@ -78,7 +79,15 @@ class ExpertCache:
             return 0
         size = sizes.pop()
         have = self.used + sum(b.nbytes for b in self.spare)
-        self.spare += [self.reader.buffer(size, populate=True) for _ in range((self.budget - have) // size)]
+        n = (self.budget - have) // size
+        if n <= 0:
+            return len(self.spare)
+        if size % mmap.PAGESIZE:  # O_DIRECT needs each buffer page-aligned: one mapping each
+            self.spare += [self.reader.buffer(size, populate=True) for _ in range(n)]
+            return len(self.spare)
+        region = huge_region(n * size)  # one mapping on huge pages: the experts' kernels read them faster
+        region.zero_()  # every page touched now
+        self.spare += [AlignedBuffer(size, region=region[i * size:(i + 1) * size]) for i in range(n)]
         return len(self.spare)
 
     def capacity(self, info: LayerInfo) -> int:

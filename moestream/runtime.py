@@ -33,7 +33,7 @@ from .kernels import (GroupedWeight, KQuantWeight, rowwise_limit, silu_mlp, use_
                       use_matvec_routers, warm_up, warm_up_dense)
 from .native import Fp8Linear
 from .quant import Int8Weight, expand, replace_linears, use_int8_linears
-from .reader import RecordReader
+from .reader import RecordReader, huge_region
 from .safetensors_io import read_into
 from .skeleton import experts_modules, expert_params, load_config, meta_model
 from .store import LayerInfo, Store, StoreError, record_tensors
@@ -189,9 +189,41 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+HUGE_DENSE_MIN = 1 << 20  # tensors this large or larger go into the huge-page region
+
+
+def _dense_on_huge_pages(model: PreTrainedModel) -> int:
+    """Rebind the model's large CPU tensors (allocated, not yet filled) to slices of one huge_region, in module
+    order; returns the bytes moved. The decode matvec streams every dense weight once a token: 30-31 GB/s from
+    huge pages against 21-22 GB/s from 4 KB pages on this project's Xeon VM (benchmarks/RESULTS.md). A tensor
+    shared by several modules moves once and stays shared."""
+    slots: dict[int, tuple[torch.Tensor, list[tuple[torch.nn.Module, str, bool]]]] = {}
+    for mod in model.modules():
+        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in table.items():
+                if t is not None and t.device.type == "cpu" and t.is_contiguous() and t.nbytes >= HUGE_DENSE_MIN:
+                    slots.setdefault(id(t), (t, []))[1].append((mod, name, is_param))
+    if not slots:
+        return 0
+    sizes = [(t.nbytes + 63) // 64 * 64 for t, _ in slots.values()]
+    region, offset = huge_region(sum(sizes)), 0
+    for (t, owners), size in zip(slots.values(), sizes):
+        view = region[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+        offset += size
+        for mod, name, is_param in owners:
+            if is_param:
+                mod._parameters[name].data = view  # the same Parameter object: ties and references hold
+            else:
+                mod._buffers[name] = view
+    return offset
+
+
 def _fill_dense(model: PreTrainedModel, store: Store, device: torch.device) -> None:
-    """Allocate the dense weights on `device` and fill them from dense.safetensors, tensor by tensor."""
+    """Allocate the dense weights on `device` (on CPU the large ones on huge pages) and fill them from
+    dense.safetensors, tensor by tensor."""
     model.to_empty(device=device)
+    if device.type == "cpu":
+        _dense_on_huge_pages(model)
     # Non-persistent buffers (rotary inv_freq, ...) are not in any checkpoint: transformers
     # computes them in `_init_weights`, and so do we, before the weights are loaded over.
     owners = {name.rsplit(".", 1)[0] if "." in name else "" for name, _ in model.named_non_persistent_buffers()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -292,3 +293,68 @@ def test_cache_buffers_reserved_at_load_and_reused(qwen3_store, monkeypatch):
         assert m.cache.used + sum(b.nbytes for b in m.cache.spare) <= budget
     with moestream.load(qwen3_store, cache=budget, device="cpu", reserve=False) as m:
         assert m.cache.spare == []
+
+
+def vma_flags(addr: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `addr` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+needs_thp = pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                               reason="this kernel has no transparent huge pages")
+
+
+@needs_thp
+def test_huge_region_is_aligned_and_advised_only_inside():
+    from moestream.reader import HUGE_PAGE, huge_region
+
+    r = huge_region(3 * HUGE_PAGE + 4096)
+    assert r.numel() == 3 * HUGE_PAGE + 4096 and r.data_ptr() % HUGE_PAGE == 0
+    assert "hg" in vma_flags(r.data_ptr()) and "hg" in vma_flags(r.data_ptr() + 3 * HUGE_PAGE - 1)
+    assert "hg" not in vma_flags(r.data_ptr() + 3 * HUGE_PAGE)  # the part-page tail stays on 4 KB pages
+    assert "hg" not in vma_flags(r.data_ptr() - 1)  # and the slack before the 2 MiB boundary
+    r.fill_(7)
+    assert int(r.sum()) == 7 * r.numel()
+
+
+@needs_thp
+def test_dense_weights_and_cache_on_huge_pages_keep_results_and_ties(tmp_path, tokenizer, monkeypatch):
+    """Every dense tensor moved into the huge-page region (threshold lowered to take the tiny model's), tied
+    embeddings still one tensor, the cache's reserved buffers in a region too, logits those of transformers."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from moestream import runtime
+    from test_parity import reference
+
+    monkeypatch.setattr(runtime, "HUGE_DENSE_MIN", 0)
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=16384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, tie_word_embeddings=True)
+    ckpt = tmp_path / "ckpt"
+    Qwen3MoeForCausalLM(config).float().save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    store = convert(str(ckpt), tmp_path / "store", progress=False)
+    with moestream.load(store, cache=expert_bytes(store) // 2, device="cpu", progress=False) as m:
+        model = m.model
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        ptrs = sorted(p.data_ptr() for p in model.parameters())
+        assert "hg" in vma_flags(ptrs[0])  # the region starts with whole huge pages (the 4 MB embedding)
+        assert ptrs[-1] - ptrs[0] < sum(p.nbytes + 64 for p in model.parameters())  # one region, packed
+        assert m.cache.spare and all(b.tensor.data_ptr() % 4096 == 0 for b in m.cache.spare)
+        spare = sorted(b.tensor.data_ptr() for b in m.cache.spare)
+        record = m.store.layers[0].record_bytes
+        assert all(b - a == record for a, b in zip(spare, spare[1:]))  # slices of one mapping
+        ids = torch.tensor([PROMPT])
+        with torch.no_grad():
+            got = model(ids).logits
+            want = reference(ckpt)(ids).logits
+        assert (want - got).abs().max().item() <= 1e-4
