@@ -31,12 +31,15 @@ enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
 /* A group is a whole number of 16-byte (32-code) blocks: one vector of codes per load. */
 int ckernels_group_ok(int group) { return group >= 32 && group % 32 == 0; }
 
-/* x [cols] split into its even (xe) and odd (xo) elements, the partners of the low and high nibbles. */
+/* x [cols] split into the partners of the low (xe) and high (xo) nibbles, in the order rows_block unpacks
+ * each 16-byte block of codes: lane l of a block holds byte 4 (l % 4) + l / 4 (see rows_block). */
 static void split(const float *x, int cols, float *xe, float *xo) {
-    for (int k = 0; k < cols / 2; k++) {
-        xe[k] = x[2 * k];
-        xo[k] = x[2 * k + 1];
-    }
+    for (int c = 0; c < cols / 32; c++)
+        for (int l = 0; l < 16; l++) {
+            const int b = 4 * (l % 4) + l / 4;
+            xe[16 * c + l] = x[32 * c + 2 * b];
+            xo[16 * c + l] = x[32 * c + 2 * b + 1];
+        }
 }
 
 /* n <= 16 values of dtype `kind` (float32, float16, bfloat16) from p[i..] as floats, zeros past n. */
@@ -76,33 +79,38 @@ static inline void store_vec(void *p, long i, __m512 f, int kind, int n) {
 }
 
 /* ROWS rows at once, one accumulator each: independent chains (one fma per group and row would
- * otherwise wait on the previous one's latency), x's vectors loaded once for all of them, 16
- * groups' scales loaded and converted as one vector, the rows ahead prefetched (measured on a
- * 2-core EPYC: 0.20 against 0.30 ms per expert read from memory). Codes become floats by a
- * table permute (vpermps reads the low 4 bits of each lane), not a convert. */
+ * otherwise wait on the previous one's latency), x's vectors loaded once for all of them, the rows ahead
+ * prefetched (measured on a 2-core EPYC: 0.20 against 0.30 ms per expert read from memory). Codes become
+ * floats by a table permute (vpermps reads the low 4 bits of each lane). Few shuffles, the port they share
+ * being the limit on Intel cores: a block's 16 bytes are broadcast by the load itself and shifted per lane
+ * (lane l keeps byte 4 (l % 4) + l / 4 in its low bits: split() orders x to match), and each group's scale is
+ * broadcast from memory (against a zero-extension and a permute per block and row, an expert in cache on a Xeon
+ * VM: 0.123 against 0.141 ms). */
 #define ROWS 4
 #define PREFETCH_ROWS 16  /* rows ahead: 16 against 8, an expert read from memory on a Xeon VM: 0.187 against 0.22 ms */
 static void rows_block(const uint8_t *q, long stride, const void *s, int kind, long s0, long sstride, int groups, int gb,
                        const float *xe, const float *xo, __m512 lut, float *y) {
-    __m512 acc[ROWS], sv[ROWS];
+    const __m512i shift = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
+    __m512 acc[ROWS];
+    float sf[ROWS][16];
     for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 16) {
         const int n = groups - g0 < 16 ? groups - g0 : 16;
-        for (int i = 0; i < ROWS; i++) sv[i] = load_floats(s, kind, s0 + i * sstride + g0, n);
+        for (int i = 0; i < ROWS; i++) _mm512_storeu_ps(sf[i], load_floats(s, kind, s0 + i * sstride + g0, n));
         for (int j = 0; j < n; j++) {
             const long g = g0 + j;
-            const __m512i lane = _mm512_set1_epi32(j);
             if ((g * gb) % 64 == 0)
                 for (int i = 0; i < ROWS; i++)
                     _mm_prefetch((const char *)(q + (i + PREFETCH_ROWS) * stride + g * gb), _MM_HINT_T0);
             for (int k = 0; k < gb; k += 16) {
                 const __m512 e = _mm512_loadu_ps(xe + g * gb + k), o = _mm512_loadu_ps(xo + g * gb + k);
                 for (int i = 0; i < ROWS; i++) {
-                    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * stride + g * gb + k)));
+                    const __m512i b = _mm512_srlv_epi32(
+                        _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(q + i * stride + g * gb + k))), shift);
                     const __m512 lo = _mm512_permutexvar_ps(b, lut);
                     const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
                     const __m512 t = _mm512_fmadd_ps(hi, o, _mm512_mul_ps(lo, e));
-                    acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane, sv[i]), t, acc[i]);
+                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(sf[i][j]), t, acc[i]);
                 }
             }
         }
