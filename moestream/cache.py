@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mmap
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
@@ -21,12 +21,24 @@ from .sizes import format_size
 from .store import LayerInfo
 
 
-def request_groups(top_k_index: torch.Tensor, num_experts: int, capacity: int) -> list[list[int]]:
-    """The experts one layer call fetches: the union of the tokens' choices, ascending, in groups
-    of at most `capacity` (what fits the cache at once). Shared by the runtime and the simulator."""
+def request_groups(top_k_index: torch.Tensor, num_experts: int, capacity: int,
+                   held: Container[int] = ()) -> list[list[int]]:
+    """The experts one layer call fetches: the union of the tokens' choices, ascending, in groups that each
+    bring in at most `capacity` experts (what fits the cache at once) besides those `held` (pinned in the cache:
+    already there, needing no room; a cache all pinned once ran every expert in a group of its own). Shared by
+    the runtime and the simulator."""
     wanted = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
     step = max(1, capacity)
-    return [wanted[i : i + step] for i in range(0, len(wanted), step)]
+    groups: list[list[int]] = []
+    room = 0
+    for e in wanted:
+        if not groups or (e not in held and room == 0):
+            groups.append([])
+            room = step
+        if e not in held:
+            room -= 1
+        groups[-1].append(e)
+    return groups
 
 
 @dataclass
@@ -64,6 +76,7 @@ class ExpertCache:
         self.entries: dict[Key, AlignedBuffer] = {}
         self.layers: dict[int, Counters] = {}
         self.pinned_bytes = 0  # held by preloaded (pinned) experts, never evicted
+        self.pinned: dict[int, set[int]] = {}  # those experts, by layer
         self.inflight: dict[Key, Future] = {}  # prefetched reads not yet requested (running ones are pinned)
         self.unused_prefetch: set[Key] = set()
         self.spare: list[AlignedBuffer] = []  # reserved record buffers not yet holding a record
@@ -205,6 +218,8 @@ class ExpertCache:
             for i in range(0, len(experts), step):
                 self.get(info, experts[i : i + step])
         self.pinned_bytes = sum(by_layer[layer].record_bytes for layer, _ in keys)
+        for layer, e in keys:
+            self.pinned.setdefault(layer, set()).add(e)
 
     def _drop(self, info: LayerInfo, e: int, buf) -> None:
         key = (info.layer, e)

@@ -140,7 +140,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         pos, tok = torch.where(mask[e])
         return tok, hidden_states[tok], top_k_weights[tok, pos, None]
 
-    for i, group in enumerate(request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info))):
+    groups = request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info),
+                            src.cache.pinned.get(src.info.layer, ()))
+    for i, group in enumerate(groups):
         fetch = src.cache.fetch(src.info, group)
         if i == 0 and src.lookahead is not None:
             _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)

@@ -112,7 +112,8 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: 
         for c, info in enumerate(infos):
             counters = cache.counters(info.layer)
             before = counters.misses
-            for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, cache.capacity(info)):
+            for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, cache.capacity(info),
+                                        cache.pinned.get(info.layer, ())):
                 cache.get(info, group)
                 asked += len(group)
             misses.append(counters.misses - before)

@@ -202,3 +202,37 @@ def test_pinning_in_runtime_equals_simulator_and_keeps_tokens(qwen3_store, tmp_p
     assert (sim.hits, sim.misses, sim.evictions) == (runtime.hits, runtime.misses, runtime.evictions)
     with pytest.raises(ProfileError, match="MoE layers"):
         hottest(profile, budget, {0: 4096})
+
+
+def test_request_groups_leave_pinned_experts_out_of_the_room():
+    import torch
+
+    from moestream.cache import request_groups
+
+    idx = torch.tensor([[5, 1, 3], [7, 1, 2]])
+    assert request_groups(idx, 8, 2) == [[1, 2], [3, 5], [7]]
+    assert request_groups(idx, 8, 2, held={1, 3, 5}) == [[1, 2, 3, 5, 7]]
+    assert request_groups(idx, 8, 1, held={2}) == [[1, 2], [3], [5], [7]]
+
+
+def test_a_cache_all_pinned_fetches_each_layer_once(qwen3_store, monkeypatch):
+    """Every expert pinned (bench_decode's resident run): one request a layer, not one per expert (which
+    the pinned bytes leaving `capacity` at 1 once caused)."""
+    import torch
+
+    from moestream.cache import ExpertCache
+    from moestream.store import Store
+
+    store = Store.open(qwen3_store)
+    profile = {"format": "moestream-profile", "version": 1, "tokens": 1,
+               "counts": {str(i.layer): [1] * i.experts for i in store.layers},
+               "record_bytes": {str(i.layer): i.record_bytes for i in store.layers}}
+    with moestream.load(qwen3_store, cache=expert_bytes(qwen3_store), device="cpu", pin=profile, pin_share=1.0) as m:
+        assert m.cache.capacity(store.layers[0]) == 1 and len(m.cache.entries) == sum(i.experts for i in store.layers)
+        calls = []
+        real = ExpertCache.fetch
+        monkeypatch.setattr(ExpertCache, "fetch", lambda self, info, experts: calls.append(len(experts))
+                            or real(self, info, experts))
+        with torch.no_grad():
+            m.model(torch.tensor([[5]]))  # one token: each MoE layer asks for its top 2 once
+        assert calls == [2] * len(store.layers)
