@@ -50,6 +50,7 @@ class Counters:
     read_seconds: float = 0.0  # summed over reader threads
     wait_seconds: float = 0.0  # time the compute thread spent blocked on reads
     prefetched: int = 0  # reads started by the prefetcher (also counted in bytes_read)
+    prefetch_cancelled: int = 0  # guesses dropped before their read started (a request came first)
     prefetch_used: int = 0  # of those, requested by a layer before being evicted
 
     def __add__(self, other: Counters) -> Counters:
@@ -140,6 +141,8 @@ class ExpertCache:
             self.counters(key[0]).evictions += 1
             if reuse is None and buf.nbytes == nbytes:
                 reuse = buf
+            else:
+                self._release(buf)
         self.used += nbytes
         self.peak_used = max(self.peak_used, self.used)
         if reuse is None and self.spare and self.spare[-1].nbytes == nbytes:
@@ -156,6 +159,12 @@ class ExpertCache:
             )
         c = self.counters(info.layer)
         pinned = {(info.layer, e) for e in experts}
+        for key in [k for k in self.inflight if k[0] == info.layer and k not in pinned]:
+            if self.inflight[key].cancel():  # a wrong guess whose read has not started: it would delay ours
+                self._drop(info, key[1], self.entries[key])
+                c.prefetched -= 1
+                c.prefetch_cancelled += 1
+                c.bytes_read -= info.record_bytes
         f = Fetch(self, info, c)
         for e in experts:
             key = (info.layer, e)
@@ -198,7 +207,7 @@ class ExpertCache:
             c.prefetched += 1
             c.bytes_read += info.record_bytes
             self.unused_prefetch.add(key)
-            self.inflight[key] = self.reader.submit(info, e, buf)
+            self.inflight[key] = self.reader.submit(info, e, buf, guess=True)
 
     def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
         """Records (uint8 tensors) for `experts` of one layer, all of them, once every read has landed."""
@@ -228,6 +237,13 @@ class ExpertCache:
             self.unused_prefetch.discard(key)
             self.inflight.pop(key, None)
             self.used -= buf.nbytes
+            self._release(buf)
+
+    def _release(self, buf: AlignedBuffer) -> None:
+        """A buffer that no longer holds a record: a slice of reserve()'s region goes back to `spare` (its memory
+        cannot be given back alone, and must stay counted); a buffer with its own mapping is freed when dropped."""
+        if buf.region:
+            self.spare.append(buf)
 
     def clear(self) -> None:
         for fut in self.inflight.values():

@@ -119,7 +119,8 @@ class GenerationStats:
             f"{self.read_mb_s:.0f} MB/s while waiting",
             f"I/O wait             {100 * self.io_wait_share:.0f} % of generation time",
             *([f"prefetch             {io.prefetched} reads started early, {io.prefetch_used} used "
-               f"({100 * io.prefetch_used / io.prefetched:.0f} % accurate)"] if io.prefetched else []),
+               f"({100 * io.prefetch_used / io.prefetched:.0f} % accurate), {io.prefetch_cancelled} guesses "
+               "dropped before their read"] if io.prefetched else []),
             f"peak RSS             {format_size(self.peak_rss)}",
         ])
 

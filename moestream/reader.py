@@ -19,6 +19,7 @@ import xxhash
 from .store import LayerInfo, Store
 
 CHECKSUM = "xxh3_64"
+GUESS_THREADS = 1  # prefetch reads in flight at once
 
 
 def checksum(data) -> str:
@@ -57,6 +58,7 @@ class AlignedBuffer:
 
     def __init__(self, nbytes: int, populate: bool = False, region: torch.Tensor | None = None):
         self.nbytes = nbytes
+        self.region = region is not None
         if region is not None:
             if region.numel() != nbytes or region.data_ptr() % mmap.PAGESIZE:
                 raise ValueError(f"a record buffer needs {nbytes} page-aligned bytes")
@@ -78,6 +80,9 @@ class RecordReader:
         self.store = store
         self.verify = verify
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="moestream-read")
+        # guesses (prefetch) read on a few threads of their own: requested reads never queue behind them, and
+        # a guess not yet started can be cancelled when its layer asks for other experts
+        self.guess_pool = ThreadPoolExecutor(max_workers=GUESS_THREADS, thread_name_prefix="moestream-guess")
         self.direct = direct
         self.fallback_reason: str | None = None if direct else "O_DIRECT disabled by the caller"
         self._fds: dict[int, int] = {}
@@ -135,10 +140,11 @@ class RecordReader:
     def buffer(self, nbytes: int, populate: bool = False) -> AlignedBuffer:
         return AlignedBuffer(nbytes, populate)
 
-    def submit(self, info: LayerInfo, expert: int, buf: AlignedBuffer) -> Future:
-        return self.pool.submit(self.read, info, expert, buf)
+    def submit(self, info: LayerInfo, expert: int, buf: AlignedBuffer, guess: bool = False) -> Future:
+        return (self.guess_pool if guess else self.pool).submit(self.read, info, expert, buf)
 
     def close(self) -> None:
+        self.guess_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)

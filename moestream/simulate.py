@@ -32,7 +32,7 @@ class NullReader:
     def buffer(self, nbytes: int, populate: bool = False) -> _Slot:
         return _Slot(nbytes)
 
-    def submit(self, info, expert, buf) -> Future:
+    def submit(self, info, expert, buf, guess: bool = False) -> Future:
         f = Future()
         f.set_result(0.0)
         return f

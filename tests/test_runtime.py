@@ -358,3 +358,44 @@ def test_dense_weights_and_cache_on_huge_pages_keep_results_and_ties(tmp_path, t
             got = model(ids).logits
             want = reference(ckpt)(ids).logits
         assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_unstarted_wrong_guesses_are_cancelled_and_their_buffers_kept(qwen3_store, monkeypatch):
+    """Guesses read on their own thread, behind each other: when their layer asks for other experts, those whose
+    read has not started are dropped (their reserved buffers back to spare, the budget's bytes as before), the
+    one reading finishes and stays, and the requested records are read beside it, exact."""
+    import threading
+
+    from moestream.reader import GUESS_THREADS
+
+    assert GUESS_THREADS == 1
+    budget = expert_bytes(qwen3_store) // 2
+    with moestream.load(qwen3_store, cache=budget, device="cpu") as m:
+        info = m.store.layers[1]
+        gate, real = threading.Event(), RecordReader.read
+        started = []
+
+        def slow(self, i, e, buf):
+            if threading.current_thread().name.startswith("moestream-guess"):
+                started.append(e)
+                gate.wait(10)
+            return real(self, i, e, buf)
+
+        monkeypatch.setattr(RecordReader, "read", slow)
+        total = lambda: m.cache.used + sum(b.nbytes for b in m.cache.spare)
+        before, spare = total(), len(m.cache.spare)
+        m.cache.prefetch(info, [0, 1, 2], keep=[])
+        while not started:
+            threading.Event().wait(0.01)
+        assert started == [0] and len(m.cache.spare) == spare - 3
+        f = m.cache.fetch(info, [3, 4])  # 1 and 2 never started: cancelled
+        c = m.cache.layers[info.layer]
+        assert c.prefetch_cancelled == 2 and c.prefetched == 1
+        assert (info.layer, 1) not in m.cache.entries and (info.layer, 2) not in m.cache.entries
+        gate.set()
+        got = dict(f.arrivals())
+        assert sorted(got) == [3, 4] and total() == before and len(m.cache.spare) == spare - 3
+        raw = (m.store.root / info.path).read_bytes()
+        for e, record in [*got.items(), (0, m.cache.get(info, [0])[0])]:  # the guess that ran: a hit now
+            assert bytes(record.numpy()) == raw[e * info.record_bytes:(e + 1) * info.record_bytes]
+        assert c.hits == 1 and c.prefetch_used == 1
