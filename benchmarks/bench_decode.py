@@ -227,11 +227,11 @@ def run_child(cmd: list[str], cap: int | None) -> tuple[subprocess.CompletedProc
 
 
 def moestream_run(store: Path, cap: int | None, tokens: int, temperature: float, pin: Path | None,
-                  activations: str = "float") -> dict:
+                  activations: str = "float", prefetch: str = "none") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "moestream.cli", "run", str(store), "-p", PROMPT, "--raw", "-n", str(tokens),
                "--device", "cpu", "--stats-json", f.name, "--context", "512", "--temperature", str(temperature),
-               "--seed", "0", "--activations", activations]
+               "--seed", "0", "--activations", activations, "--prefetch", prefetch]
         cmd += ["--memory", str(cap)] if cap else ["--cache", "1TB"]
         cmd += ["--pin", str(pin), "--pin-share", "1"] if pin else []
         drop_caches()
@@ -282,6 +282,9 @@ def main() -> None:
     ap.add_argument("--activations", default="float",
                     help="moestream runs per cap, one per --activations mode: float (exact), int8 (lossy, as "
                          "llama.cpp's Q4_0 x Q8_0), or both: float,int8")
+    ap.add_argument("--prefetch", default="none",
+                    help="moestream runs per capped row and --activations mode, one per --prefetch mode: none, "
+                         "lookahead, or both: none,lookahead")
     ap.add_argument("--out", help="default: benchmarks/results/bench_decode-tTEMPERATURE.json")
     ap.add_argument("--results-md", default="benchmarks/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (GGUF and store)")
@@ -322,13 +325,15 @@ def main() -> None:
         for cap_s in ["resident", *args.caps.split(",")]:
             cap = None if cap_s == "resident" else parse_size(cap_s)
             row = {"cap": cap_s, "cap_bytes": cap, "moestream": {}}
-            for mode in args.activations.split(","):
-                m = row["moestream"][mode] = moestream_run(store_path, cap, args.tokens, args.temperature,
-                                                           profile if cap is None else None, mode)
+            for mode, pf in [(a, p) for p in args.prefetch.split(",") for a in args.activations.split(",")
+                             if cap is not None or p == "none"]:  # resident: every expert pinned, nothing to guess
+                key = mode if pf == "none" else f"{mode}+{pf}"
+                m = row["moestream"][key] = moestream_run(store_path, cap, args.tokens, args.temperature,
+                                                          profile if cap is None else None, mode, pf)
                 if "error" not in m and m["decode_bytes_per_token"] > 0:
                     m["io_ceiling_tps"] = ssd.peak_bandwidth / m["decode_bytes_per_token"]
                     m["share_of_io_ceiling"] = m["decode_tps"] / m["io_ceiling_tps"]
-                print(cap_s, f"moestream activations {mode}", json.dumps(m), flush=True)
+                print(cap_s, f"moestream activations {mode} prefetch {pf}", json.dumps(m), flush=True)
             row["llama"] = {}
             if llama:
                 for kb in ([None] if cap is None else [int(x) for x in args.readahead_kb.split(",")]):
@@ -377,7 +382,9 @@ def table(result: dict) -> list[str]:
         best = max((r["decode_tps"] for r in ll.values() if "decode_tps" in r), default=None)
         ratio = lambda tps: f"{tps / best:.2f}" if best else "—"  # noqa: E731
         for mode, m in row["moestream"].items():
-            engine = "moestream" if mode == "float" else f"moestream, {mode} activations (lossy)"
+            activations, _, pf = mode.partition("+")
+            engine = ("moestream" + ("" if activations == "float" else f", {activations} activations (lossy)")
+                      + (f", {pf} prefetch" if pf else ""))
             if "error" in m:
                 lines.append(f"| {row['cap']} | {engine} | error: {m['error'][-120:]!r} | | | | | | | | |")
                 continue
