@@ -20,6 +20,21 @@ from moestream.store import Store
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 61, 128, 9, 77, 300]
 
 
+def qwen3_store_of(tmp_path, tokenizer=None, **shape):
+    """A random Qwen3-MoE checkpoint of this shape (4 heads of 16, 2 KV heads, top-2) saved under tmp_path/ckpt
+    and converted to tmp_path/store."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts_per_tok=2, **shape)
+    ckpt = tmp_path / "ckpt"
+    Qwen3MoeForCausalLM(config).float().save_pretrained(ckpt)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(ckpt)
+    return convert(str(ckpt), tmp_path / "store", progress=False)
+
+
 def test_cache_never_exceeds_budget(qwen3_store, monkeypatch):
     budget = expert_bytes(qwen3_store) // 5
     with moestream.load(qwen3_store, cache=budget, device="cpu") as m:
@@ -227,15 +242,8 @@ def test_dense_weights_are_read_once_into_place(tmp_path, tokenizer):
     import subprocess
     import sys
 
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=40000, hidden_size=512, intermediate_size=96, moe_intermediate_size=64,
-                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
-    ckpt = tmp_path / "ckpt"
-    Qwen3MoeForCausalLM(config).float().save_pretrained(ckpt)
-    store = convert(str(ckpt), tmp_path / "store", progress=False)
+    store = qwen3_store_of(tmp_path, vocab_size=40000, hidden_size=512, moe_intermediate_size=64, num_hidden_layers=1,
+                           num_experts=4, tie_word_embeddings=False)
     dense = Store.open(store).dense_bytes
     assert dense > 150e6
     code = ("import moestream; from moestream.budget import rss_bytes, peak_rss_bytes; import torch\n"
@@ -329,20 +337,13 @@ def test_huge_region_is_aligned_and_advised_only_inside():
 def test_dense_weights_and_cache_on_huge_pages_keep_results_and_ties(tmp_path, tokenizer, monkeypatch):
     """Every dense tensor moved into the huge-page region (threshold lowered to take the tiny model's), tied
     embeddings still one tensor, the cache's reserved buffers in a region too, logits those of transformers."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     from moestream import runtime
     from test_parity import reference
 
     monkeypatch.setattr(runtime, "HUGE_DENSE_MIN", 0)
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=16384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            num_experts=8, num_experts_per_tok=2, tie_word_embeddings=True)
+    store = qwen3_store_of(tmp_path, tokenizer, vocab_size=16384, hidden_size=64, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_experts=8, tie_word_embeddings=True)
     ckpt = tmp_path / "ckpt"
-    Qwen3MoeForCausalLM(config).float().save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    store = convert(str(ckpt), tmp_path / "store", progress=False)
     with moestream.load(store, cache=expert_bytes(store) // 2, device="cpu", progress=False) as m:
         model = m.model
         assert model.lm_head.weight is model.model.embed_tokens.weight
