@@ -249,8 +249,9 @@ class ExpertCache:
         for fut in self.inflight.values():
             fut.cancel()
         wait(list(self.inflight.values()))
-        for key in list(self.entries):
+        for key, buf in self.entries.items():
             self.policy.remove(key)
+            self._release(buf)
         self.entries.clear()
         self.inflight.clear()
         self.unused_prefetch.clear()

@@ -23,6 +23,7 @@ class _Slot:
     """Stands in for a record buffer: has a size, holds nothing."""
 
     tensor = None
+    region = False  # its own (imaginary) memory: freed when dropped
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes

@@ -236,3 +236,13 @@ def test_a_cache_all_pinned_fetches_each_layer_once(qwen3_store, monkeypatch):
         with torch.no_grad():
             m.model(torch.tensor([[5]]))  # one token: each MoE layer asks for its top 2 once
         assert calls == [2] * len(store.layers)
+
+
+def test_records_of_two_sizes_evict_each_other():
+    """Layer 0's records 4096 bytes, layer 1's 8192, a cache of 12288: layer 0 fills 8192 with two experts, and
+    layer 1's record then evicts one of them, a buffer it cannot reuse (dropped, not kept as a spare)."""
+    experts = np.array([[[0, 1], [0, -1]]], dtype=np.int32)  # one token: layer 0 asks 0 and 1, layer 1 asks 0
+    trace = Trace(np.array([0, 1]), np.array([4, 4]), np.array([4096, 8192]), np.ones(1, dtype=np.int64),
+                  np.zeros(1, dtype=np.int32), np.array([True]), experts, np.zeros(experts.shape, np.float16), {})
+    r = simulate(trace, 12288, "lru")
+    assert (r.hits, r.misses, r.evictions) == (0, 3, 1)
