@@ -282,9 +282,9 @@ def main() -> None:
     ap.add_argument("--activations", default="float",
                     help="moestream runs per cap, one per --activations mode: float (exact), int8 (lossy, as "
                          "llama.cpp's Q4_0 x Q8_0), or both: float,int8")
-    ap.add_argument("--prefetch", default="none",
-                    help="moestream runs per capped row and --activations mode, one per --prefetch mode: none, "
-                         "lookahead, or both: none,lookahead")
+    ap.add_argument("--prefetch", default="auto",
+                    help="moestream runs per capped row and --activations mode, one per --prefetch mode (none, "
+                         "lookahead, auto: moestream's default), e.g. none,auto,lookahead")
     ap.add_argument("--out", help="default: benchmarks/results/bench_decode-tTEMPERATURE.json")
     ap.add_argument("--results-md", default="benchmarks/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (GGUF and store)")

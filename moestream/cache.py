@@ -21,6 +21,9 @@ from .sizes import format_size
 from .store import LayerInfo
 
 
+ORGANIC_WEIGHT = 0.25  # a fetch's weight in a layer's recent organic hit rate (ExpertCache.organic)
+
+
 def request_groups(top_k_index: torch.Tensor, num_experts: int, capacity: int,
                    held: Container[int] = ()) -> list[list[int]]:
     """The experts one layer call fetches: the union of the tokens' choices, ascending, in groups that each
@@ -81,6 +84,7 @@ class ExpertCache:
         self.inflight: dict[Key, Future] = {}  # prefetched reads not yet requested (running ones are pinned)
         self.unused_prefetch: set[Key] = set()
         self.spare: list[AlignedBuffer] = []  # reserved record buffers not yet holding a record
+        self.organic: dict[int, float] = {}  # per layer: recent share of requests the cache held unguessed (EMA)
 
     def reserve(self, infos: list[LayerInfo]) -> int:
         """Allocate the budget's record buffers now, every page touched, when all layers' records have one
@@ -166,6 +170,10 @@ class ExpertCache:
                 c.prefetch_cancelled += 1
                 c.bytes_read -= info.record_bytes
         f = Fetch(self, info, c)
+        held = sum((info.layer, e) in self.entries and (info.layer, e) not in self.unused_prefetch for e in experts)
+        share = held / max(1, len(experts))
+        recent = self.organic.get(info.layer, share)
+        self.organic[info.layer] = recent + ORGANIC_WEIGHT * (share - recent)
         for e in experts:
             key = (info.layer, e)
             buf = self.entries.get(key)

@@ -28,9 +28,10 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=8, help="parallel expert reads in flight (default 8)")
     g.add_argument("--no-direct", action="store_true", help="read with the page cache instead of O_DIRECT")
     g.add_argument("--verify", action="store_true", help="check each expert record's checksum as it is read")
-    g.add_argument("--prefetch", default="none", choices=["none", "lookahead"],
+    g.add_argument("--prefetch", default="auto", choices=["none", "lookahead", "auto"],
                    help="lookahead: apply the next layer's router to this layer's input and start reading the "
-                        "experts it would pick (only loads; results are unchanged). Default none")
+                        "experts it would pick (only loads; results are unchanged); auto (default): the same, for a "
+                        "layer only while the cache held, unguessed, under 60 %% of its recent requests")
     g.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="int8: round each one-token expert's inputs to int8 per block of 32 and multiply with integer "
                         "dot products, as llama.cpp's Q4_0 x Q8_0 (LOSSY, opt-in; int4 experts with groups of 32, "

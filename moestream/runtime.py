@@ -58,6 +58,7 @@ class LayerSource:
     silu_gated: bool = False  # transformers' default gating (kernels.silu_mlp may compute the expert whole)
     layout: ckernels.ExpertLayout | None = None  # one token's experts computed straight from record bytes
     int8: bool = False  # ... with int8 activations (load(activations="int8"): opt-in, lossy)
+    auto: bool = False  # --prefetch auto: guess only while the next layer's cache mostly misses on its own
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQuantWeight, b: torch.Tensor | None,
@@ -144,7 +145,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                             src.cache.pinned.get(src.info.layer, ()))
     for i, group in enumerate(groups):
         fetch = src.cache.fetch(src.info, group)
-        if i == 0 and src.lookahead is not None:
+        if i == 0 and src.lookahead is not None and (
+                not src.auto or src.cache.organic.get(src.lookahead[0].layer, 0.0) < AUTO_PREFETCH_BELOW):
             _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
         if one and src.layout is not None:  # straight from the records' bytes; the same sums as the loop below
@@ -191,6 +193,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# --prefetch auto guesses a layer's experts while the cache held, unguessed, fewer than this share of its recent
+# requests. bench_decode's model (benchmarks/RESULTS.md): lookahead paid at 2 GiB (38 % hits), cost 2-8 % at 3-6
+# GiB (78-82 %).
+AUTO_PREFETCH_BELOW = 0.6
 HUGE_DENSE_MIN = 1 << 20  # tensors this large or larger go into the huge-page region
 
 
@@ -356,13 +362,16 @@ class StreamedModel:
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
-         cache_policy: str = "lfu", trace: bool = False, prefetch: str = "none", pin: str | dict | None = None,
+         cache_policy: str = "lfu", trace: bool = False, prefetch: str = "auto", pin: str | dict | None = None,
          pin_share: float = 0.5, sequences: int = 1, reserve: bool = True, activations: str = "float") -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
     `sequences` KV caches of `context` tokens are reserved within `memory` (a server's batch).
     `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
+    `prefetch`: "none", "lookahead" (guess the next layer's experts with its router and start their reads), or
+    "auto" (lookahead for a layer only while the cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent
+    requests).
     `activations`: "float" (exact) or "int8" (lossy, opt-in: one-token experts multiply int8-rounded
     activations, as llama.cpp's Q4_0 x Q8_0 does; int4 experts with groups of 32 on AVX-512 VNNI CPUs).
     """
@@ -370,8 +379,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
 
     if activations not in ("float", "int8"):
         raise ValueError(f"--activations {activations!r}: choose float or int8")
-    if prefetch not in ("none", "lookahead"):
-        raise ValueError(f"--prefetch {prefetch!r}: choose none or lookahead")
+    if prefetch not in ("none", "lookahead", "auto"):
+        raise ValueError(f"--prefetch {prefetch!r}: choose none, lookahead or auto")
     t0 = time.perf_counter()
     return_large_frees()
     store = ensure_store(str(path), progress=progress)
@@ -444,12 +453,14 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     names = sorted(experts, key=lambda n: layers[n].layer)
     for i, name in enumerate(names):
         ahead = None
-        if prefetch == "lookahead" and i + 1 < len(names):
-            if routers[names[i + 1]] is None:
+        if prefetch != "none" and i + 1 < len(names):
+            if routers[names[i + 1]] is not None:
+                ahead = (layers[names[i + 1]], model.get_submodule(routers[names[i + 1]]).weight)
+            elif prefetch == "lookahead":  # auto guesses where it can
                 raise StoreError(f"--prefetch lookahead: no router found beside {names[i + 1]}")
-            ahead = (layers[names[i + 1]], model.get_submodule(routers[names[i + 1]]).weight)
         experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead,
-                                               _silu_gated(experts[name]), layouts[name], activations == "int8")
+                                               _silu_gated(experts[name]), layouts[name], activations == "int8",
+                                               prefetch == "auto")
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)

@@ -203,7 +203,7 @@ def test_prefetch_only_loads(qwen3_store, monkeypatch):
     """--prefetch lookahead starts reads early; tokens and logits are the same bits as without it."""
     budget = expert_bytes(qwen3_store) // 2
     runs = {}
-    for mode in ("none", "lookahead"):
+    for mode in ("none", "lookahead", "auto"):
         with moestream.load(qwen3_store, cache=budget, device="cpu", prefetch=mode) as m:
             with torch.no_grad():
                 logits = m.model(torch.tensor([PROMPT])).logits
@@ -215,8 +215,8 @@ def test_prefetch_only_loads(qwen3_store, monkeypatch):
                 used.append(m.cache.used)
             assert max(used) <= budget and m.cache.peak_used <= budget
             runs[mode] = (logits, tokens, m.cache.total())
-    assert torch.equal(runs["none"][0], runs["lookahead"][0])
-    assert runs["none"][1] == runs["lookahead"][1]
+    assert torch.equal(runs["none"][0], runs["lookahead"][0]) and torch.equal(runs["none"][0], runs["auto"][0])
+    assert runs["none"][1] == runs["lookahead"][1] == runs["auto"][1]
     c = runs["lookahead"][2]
     assert c.prefetched > 0 and 0 <= c.prefetch_used <= c.prefetched
     assert runs["none"][2].prefetched == 0
@@ -402,3 +402,23 @@ def test_unstarted_wrong_guesses_are_cancelled_and_their_buffers_kept(qwen3_stor
         for e, record in [*got.items(), (0, m.cache.get(info, [0])[0])]:  # the guess that ran: a hit now
             assert bytes(record.numpy()) == raw[e * info.record_bytes:(e + 1) * info.record_bytes]
         assert c.hits == 1 and c.prefetch_used == 1
+
+
+def test_auto_prefetch_guesses_only_where_the_cache_misses_on_its_own(qwen3_store):
+    """--prefetch auto guesses a layer's experts only while the cache held, unguessed, under AUTO_PREFETCH_BELOW
+    of that layer's recent requests (ExpertCache.organic, a moving average updated at each request)."""
+    from moestream.runtime import AUTO_PREFETCH_BELOW
+
+    with moestream.load(qwen3_store, cache=expert_bytes(qwen3_store) // 2, device="cpu", prefetch="auto") as m:
+        layers = [i.layer for i in m.store.layers]
+        for recent, guesses in ((1.0, False), (0.0, True)):
+            m.cache.clear()
+            m.cache.reset_counters()
+            m.cache.organic = dict.fromkeys(layers, recent)
+            with torch.no_grad():
+                m.model(torch.tensor([[5]]))  # a cold cache: every layer misses
+            assert (m.cache.total().prefetched > 0) == guesses
+            # the cold cache held none of each layer's request (guessed records do not count): each average moved
+            # a quarter of the way to 0, and 0.75 stays above the threshold
+            assert m.cache.organic == pytest.approx(dict.fromkeys(layers, 0.75 * recent))
+            assert (0.75 * recent < AUTO_PREFETCH_BELOW) == guesses
