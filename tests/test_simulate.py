@@ -74,7 +74,8 @@ def test_belady_is_at_least_every_policy_on_random_traces():
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_simulator_equals_runtime_counters(qwen3_store, tmp_path, policy):
     budget = expert_bytes(qwen3_store) // 4
-    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy=policy) as m:
+    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy=policy,
+                        prefetch="none") as m:  # the simulator replays requests only, no guesses
         for p in PROMPTS:
             list(m.stream_ids(p, max_new_tokens=12, stop_at_eos=False))
         path = m.save_trace(tmp_path / "t.npz")
@@ -186,11 +187,12 @@ def test_pinning_in_runtime_equals_simulator_and_keeps_tokens(qwen3_store, tmp_p
     from moestream.profile import ProfileError, hottest, profile_from_trace
 
     budget = expert_bytes(qwen3_store) // 3
-    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy="lru") as m:
+    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy="lru", prefetch="none") as m:
         plain = [list(m.stream_ids(p, max_new_tokens=10, stop_at_eos=False)) for p in PROMPTS]
         trace = Trace.load(m.save_trace(tmp_path / "t.npz"))
     profile = profile_from_trace(trace)
-    with moestream.load(qwen3_store, cache=budget, device="cpu", pin=profile, pin_share=0.5, cache_policy="lru") as m:
+    with moestream.load(qwen3_store, cache=budget, device="cpu", pin=profile, pin_share=0.5, cache_policy="lru",
+                        prefetch="none") as m:
         keys = hottest(profile, budget // 2, {int(l): int(b) for l, b in zip(trace.layers, trace.record_bytes)})
         assert keys and all(k in m.cache.entries for k in keys)
         pinned = [list(m.stream_ids(p, max_new_tokens=10, stop_at_eos=False)) for p in PROMPTS]
