@@ -7,7 +7,6 @@ layer and summed on demand. The simulator runs this same class with a reader tha
 
 from __future__ import annotations
 
-import mmap
 import time
 from collections.abc import Container, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -87,8 +86,8 @@ class ExpertCache:
         self.organic: dict[int, float] = {}  # per layer: recent share of requests the cache held unguessed (EMA)
 
     def reserve(self, infos: list[LayerInfo]) -> int:
-        """Allocate the budget's record buffers now, every page touched, when all layers' records have one
-        size (else none); returns how many. A process's first touch of memory can cost far more than reuse:
+        """Allocate the budget's record buffers now (slices of one huge_region), every page touched, when all
+        layers' records have one size (else none); returns how many. A process's first touch of memory can cost far more than reuse:
         here, just after the page cache was dropped, fresh pages came at 0.2-1.4 GB/s and reads into fresh
         buffers slowed the compute beside them 3-5x; a 4 GiB run whose cache grew during decode ran at 2.7
         tok/s against 3.9 at 2 GiB with recycled buffers (benchmarks/RESULTS.md). Paid once, at load."""
@@ -99,9 +98,6 @@ class ExpertCache:
         have = self.used + sum(b.nbytes for b in self.spare)
         n = (self.budget - have) // size
         if n <= 0:
-            return len(self.spare)
-        if size % mmap.PAGESIZE:  # O_DIRECT needs each buffer page-aligned: one mapping each
-            self.spare += [self.reader.buffer(size, populate=True) for _ in range(n)]
             return len(self.spare)
         region = huge_region(n * size)  # one mapping on huge pages: the experts' kernels read them faster
         region.zero_()  # every page touched now
@@ -170,10 +166,7 @@ class ExpertCache:
                 c.prefetch_cancelled += 1
                 c.bytes_read -= info.record_bytes
         f = Fetch(self, info, c)
-        held = sum((info.layer, e) in self.entries and (info.layer, e) not in self.unused_prefetch for e in experts)
-        share = held / max(1, len(experts))
-        recent = self.organic.get(info.layer, share)
-        self.organic[info.layer] = recent + ORGANIC_WEIGHT * (share - recent)
+        held = 0  # hits the cache had without a guess
         for e in experts:
             key = (info.layer, e)
             buf = self.entries.get(key)
@@ -183,6 +176,8 @@ class ExpertCache:
                 if key in self.unused_prefetch:
                     self.unused_prefetch.discard(key)
                     c.prefetch_used += 1
+                else:
+                    held += 1
                 inflight = self.inflight.pop(key, None)
                 if inflight is not None:
                     f.pending[inflight] = (e, buf, False)  # prefetched: wait for (or check) its read
@@ -194,6 +189,9 @@ class ExpertCache:
                 self.entries[key] = buf  # reserved now so later misses in this call cannot evict it
                 self.policy.insert(key)
                 f.pending[self.reader.submit(info, e, buf)] = (e, buf, True)
+        share = held / max(1, len(experts))
+        recent = self.organic.get(info.layer, share)
+        self.organic[info.layer] = recent + ORGANIC_WEIGHT * (share - recent)
         return f
 
     def prefetch(self, info: LayerInfo, experts: list[int], keep: list[tuple[int, int]]) -> None:

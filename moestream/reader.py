@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .store import LayerInfo, Store
+from .store import ALIGN, LayerInfo, Store
 
 CHECKSUM = "xxh3_64"
 GUESS_THREADS = 1  # prefetch reads in flight at once (2 GiB, bench_decode's model: 1, 2, 4 threads 5.1, 4.9-5.0, 4.8-4.9 tok/s)
@@ -49,8 +49,8 @@ def huge_region(nbytes: int) -> torch.Tensor:
 
 
 class AlignedBuffer:
-    """Page-aligned host memory as O_DIRECT requires, seen as a uint8 tensor: its own anonymous mapping, or
-    `region`, a page-aligned slice of a larger one (huge_region: ExpertCache.reserve).
+    """Aligned host memory as O_DIRECT requires, seen as a uint8 tensor: its own anonymous mapping, or `region`,
+    an ALIGN-aligned slice of a larger one (huge_region: ExpertCache.reserve).
 
     A private mapping, not mmap's default shared one: shared anonymous pages are shmem, which this project's
     VMs faulted in about 6x slower (1 GB in 2.7 s against 0.45 s, benchmarks/RESULTS.md). `populate`: fault
@@ -60,8 +60,8 @@ class AlignedBuffer:
         self.nbytes = nbytes
         self.region = region is not None
         if region is not None:
-            if region.numel() != nbytes or region.data_ptr() % mmap.PAGESIZE:
-                raise ValueError(f"a record buffer needs {nbytes} page-aligned bytes")
+            if region.numel() != nbytes or region.data_ptr() % ALIGN:  # records are ALIGN multiples: slices stay aligned
+                raise ValueError(f"a record buffer needs {nbytes} bytes aligned to {ALIGN} for O_DIRECT")
             self.tensor = region
             self.mm = memoryview(region.numpy())
             return
