@@ -12,8 +12,10 @@ which, or that none was used):
   read-ahead setting where /sys/block/DEV/queue/read_ahead_kb is writable (restored afterwards);
   bytes read from /proc/self/io.
 
-Beside them: the project's own O_DIRECT probe of the SSD at the record size and queue depth, and
-the I/O-bound ceiling (probe bandwidth / bytes read per token) for moestream's observed miss rate.
+Beside them: the project's own O_DIRECT probe of the SSD at the record size and queue depth (at the
+start, and just before and after each capped row's moestream runs), the I/O-bound ceiling (the row's
+mean probe bandwidth / bytes read per token) for moestream's observed miss rate, and the share of
+decode time the disk had one of moestream's reads in flight.
 A `resident` row runs both with every weight in memory (moestream pins every expert; llama.cpp
 runs twice and keeps the second). Not a test: it takes tens of minutes and ~18 GB of disk.
 
@@ -325,15 +327,23 @@ def main() -> None:
         for cap_s in ["resident", *args.caps.split(",")]:
             cap = None if cap_s == "resident" else parse_size(cap_s)
             row = {"cap": cap_s, "cap_bytes": cap, "moestream": {}}
+            # The disk's speed drifts from minute to minute (1.5-2.9 GB/s within ten minutes on the Xeon VM): each
+            # capped row's ceiling divides by the mean of probes just before and just after its moestream runs.
+            before = probe(scratch, record, 8, seconds=3.0).peak_bandwidth if cap is not None else None
             for mode, pf in [(a, p) for p in args.prefetch.split(",") for a in args.activations.split(",")
                              if cap is not None or p == "none"]:  # resident: every expert pinned, nothing to guess
                 key = mode if pf == "none" else f"{mode}+{pf}"
-                m = row["moestream"][key] = moestream_run(store_path, cap, args.tokens, args.temperature,
-                                                          profile if cap is None else None, mode, pf)
-                if "error" not in m and m["decode_bytes_per_token"] > 0:
-                    m["io_ceiling_tps"] = ssd.peak_bandwidth / m["decode_bytes_per_token"]
+                row["moestream"][key] = moestream_run(store_path, cap, args.tokens, args.temperature,
+                                                      profile if cap is None else None, mode, pf)
+            if cap is not None:
+                after = probe(scratch, record, 8, seconds=3.0).peak_bandwidth
+                row["ssd_probe_gbps"] = [before / 1e9, after / 1e9]
+                print(cap_s, f"SSD probe before / after: {before / 1e9:.2f} / {after / 1e9:.2f} GB/s", flush=True)
+            for key, m in row["moestream"].items():
+                if "error" not in m and m["decode_bytes_per_token"] > 0 and cap is not None:
+                    m["io_ceiling_tps"] = (before + after) / 2 / m["decode_bytes_per_token"]
                     m["share_of_io_ceiling"] = m["decode_tps"] / m["io_ceiling_tps"]
-                print(cap_s, f"moestream activations {mode} prefetch {pf}", json.dumps(m), flush=True)
+                print(cap_s, f"moestream {key}", json.dumps(m), flush=True)
             row["llama"] = {}
             if llama:
                 for kb in ([None] if cap is None else [int(x) for x in args.readahead_kb.split(",")]):
@@ -370,15 +380,20 @@ def table(result: dict) -> list[str]:
              f"dense (moestream: bf16). {result['tokens']} tokens, "
              f"{'greedy' if not result['temperature'] else 'temperature %g, seed 0' % result['temperature']}, page "
              f"cache dropped before each capped run; llama.cpp without weight repacking under a cap. "
-             f"SSD probe (O_DIRECT, record size, depth 8): {result['ssd_probe']['peak_bandwidth'] / 1e9:.2f} GB/s. "
+             f"SSD probe (O_DIRECT, record size, depth 8) at the start: "
+             f"{result['ssd_probe']['peak_bandwidth'] / 1e9:.2f} GB/s; each capped row's I/O ceiling divides by the "
+             f"mean of probes just before and after its moestream runs (shown in the cap column). Disk busy: share of "
+             f"decode time with at least one expert read in flight. "
              f"Fresh memory just after dropping the page cache (1 GiB populated): "
              f"{result.get('fresh_memory_gbps', float('nan')):.2f} GB/s. "
              f"Command: `{result['command']}`.", "",
              "| cap | engine | decode tok/s | × llama.cpp best | MB read / token | hit rate | I/O ceiling tok/s "
-             "(share) | load s | TTFT s | peak RSS | cgroup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(share) | disk busy | load s | TTFT s | peak RSS | cgroup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ll = row["llama"]
+        cap = row["cap"] + (" (SSD {:.2f} / {:.2f} GB/s)".format(*row["ssd_probe_gbps"]) if "ssd_probe_gbps" in row
+                            else "")
         best = max((r["decode_tps"] for r in ll.values() if "decode_tps" in r), default=None)
         ratio = lambda tps: f"{tps / best:.2f}" if best else "—"  # noqa: E731
         for mode, m in row["moestream"].items():
@@ -386,21 +401,22 @@ def table(result: dict) -> list[str]:
             engine = ("moestream" + ("" if activations == "float" else f", {activations} activations (lossy)")
                       + (f", {pf} prefetch" if pf else ""))
             if "error" in m:
-                lines.append(f"| {row['cap']} | {engine} | error: {m['error'][-120:]!r} | | | | | | | | |")
+                lines.append(f"| {cap} | {engine} | error: {m['error'][-120:]!r} | | | | | | | | | |")
                 continue
             ceiling = (f"{m['io_ceiling_tps']:.2f} ({100 * m['share_of_io_ceiling']:.0f} %)"
                        if "io_ceiling_tps" in m else "—")
-            lines.append(f"| {row['cap']} | {engine} | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
-                         f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | "
+            busy = f"{100 * m['decode_disk_busy_share']:.0f} %" if "decode_disk_busy_share" in m else "—"
+            lines.append(f"| {cap} | {engine} | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
+                         f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | {busy} | "
                          f"{m.get('load_seconds', float('nan')):.2f} | {m['ttft_seconds']:.2f} | "
                          f"{m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
         for ra, r in ll.items():
             label = f"llama.cpp, read-ahead {ra} KiB" if row["cap_bytes"] else "llama.cpp (warm page cache)"
             if "error" in r:
-                lines.append(f"| {row['cap']} | {label} | error: {r['error'][-120:]!r} | | | | | | | | |")
+                lines.append(f"| {cap} | {label} | error: {r['error'][-120:]!r} | | | | | | | | | |")
                 continue
-            lines.append(f"| {row['cap']} | {label} | {r['decode_tps']:.2f} | {ratio(r['decode_tps'])} | "
-                         f"{r['decode_bytes_per_token'] / 1e6:.1f} | — | — | {r['load_seconds']:.2f} | "
+            lines.append(f"| {cap} | {label} | {r['decode_tps']:.2f} | {ratio(r['decode_tps'])} | "
+                         f"{r['decode_bytes_per_token'] / 1e6:.1f} | — | — | — | {r['load_seconds']:.2f} | "
                          f"{r['ttft_seconds']:.2f} | "
                          f"{r['peak_rss'] / 2**30:.2f} GiB | {r['cgroup'] or 'none'} |")
     return lines

@@ -63,6 +63,7 @@ class GenerationStats:
     prefill: Counters = field(default_factory=Counters)
     decode: Counters = field(default_factory=Counters)
     layers: dict[int, Counters] = field(default_factory=dict)  # whole run, per MoE layer
+    decode_disk_busy_seconds: float = 0.0  # decode time with at least one expert read in flight
     peak_rss: int = 0
 
     @property
@@ -82,6 +83,7 @@ class GenerationStats:
         io = self.io
         d = asdict(self)
         d.update(prefill_tps=self.prefill_tps, decode_tps=self.decode_tps, hit_rate=io.hit_rate,
+                 decode_disk_busy_share=self.decode_disk_busy_share,
                  bytes_read=io.bytes_read, read_mb_s=self.read_mb_s, io_wait_share=self.io_wait_share,
                  decode_bytes_per_token=self.decode.bytes_read / max(1, self.generated_tokens - 1))
         return d
@@ -90,6 +92,11 @@ class GenerationStats:
     def read_mb_s(self) -> float:
         io = self.io
         return io.bytes_read / io.wait_seconds / 1e6 if io.wait_seconds else 0.0
+
+    @property
+    def decode_disk_busy_share(self) -> float:
+        """Share of decode time the SSD had a read of ours in flight (1.0: decode ran at the disk's speed)."""
+        return self.decode_disk_busy_seconds / self.decode_seconds if self.decode_seconds else 0.0
 
     @property
     def io_wait_share(self) -> float:
@@ -117,7 +124,8 @@ class GenerationStats:
             f"({io.hits} hits, {io.misses} misses, {io.evictions} evictions)",
             f"read                 {io.bytes_read / 1e9:.3f} GB ({format_size(per_tok)}/decoded token), "
             f"{self.read_mb_s:.0f} MB/s while waiting",
-            f"I/O wait             {100 * self.io_wait_share:.0f} % of generation time",
+            f"I/O wait             {100 * self.io_wait_share:.0f} % of generation time; disk busy "
+            f"{100 * self.decode_disk_busy_share:.0f} % of decode time",
             *([f"prefetch             {io.prefetched} reads started early, {io.prefetch_used} used "
                f"({100 * io.prefetch_used / io.prefetched:.0f} % accurate), {io.prefetch_cancelled} guesses "
                "dropped before their read"] if io.prefetched else []),
@@ -153,7 +161,7 @@ def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sa
             tok = sample(out.logits[0, -1], sampling, generator)
             t1 = time.perf_counter()
             stats.ttft_seconds = stats.prefill_seconds = t1 - t0
-            after_prefill = cache.total()
+            after_prefill, busy0 = cache.total(), cache.reader.busy_seconds()
             stats.prefill = after_prefill - start
             if recorder is not None:
                 recorder.decoding = True
@@ -165,6 +173,7 @@ def generate_ids(model: PreTrainedModel, ids: list[int], max_new_tokens: int, sa
                 n = stats.generated_tokens = n + 1
                 stats.decode_seconds = time.perf_counter() - t1
                 stats.decode = cache.total() - after_prefill
+                stats.decode_disk_busy_seconds = cache.reader.busy_seconds() - busy0
                 yield tok
     finally:
         stats.layers = {k: v - start_layers.get(k, Counters()) for k, v in sorted(cache.layers.items())}

@@ -44,6 +44,8 @@ def probe(directory: str | os.PathLike, record_bytes: int, queue_depth: int = 8,
     """Read random records of `record_bytes` from a scratch file made in `directory` (removed after)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if queue_depth < 1:
+        raise ValueError(f"--queue-depth must be at least 1, got {queue_depth}")
     record_bytes = align_up(record_bytes, ALIGN)
     n_records = max(4 * queue_depth, file_bytes // record_bytes)
     directory = Path(directory)
@@ -65,7 +67,7 @@ def probe(directory: str | os.PathLike, record_bytes: int, queue_depth: int = 8,
             bufs = [AlignedBuffer(record_bytes) for _ in range(queue_depth)]
             rng = random.Random(0)
             rounds: dict[int, float] = {}
-            sizes = sorted({1, 2, max(1, queue_depth // 2), queue_depth})
+            sizes = sorted({n for n in (1, 2, queue_depth // 2, queue_depth) if 1 <= n <= queue_depth})
             with ThreadPoolExecutor(queue_depth) as pool:
                 budget = seconds / len(sizes)
                 for n in sizes:

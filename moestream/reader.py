@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -84,6 +85,10 @@ class RecordReader:
         # and a guess not yet started can be cancelled when its layer asks for other experts
         self.guess_pool = ThreadPoolExecutor(max_workers=GUESS_THREADS, thread_name_prefix="moestream-guess")
         self.direct = direct
+        self._busy_lock = threading.Lock()
+        self._in_flight = 0  # reads inside preadv now
+        self._busy = 0.0  # seconds with at least one read in flight, up to _since
+        self._since = 0.0
         self.fallback_reason: str | None = None if direct else "O_DIRECT disabled by the caller"
         self._fds: dict[int, int] = {}
         for info in store.layers:
@@ -120,7 +125,11 @@ class RecordReader:
         t0 = time.perf_counter()
         offset = expert * info.record_bytes
         view = memoryview(buf.mm)[: info.record_bytes]
-        got = os.preadv(self._fds[info.layer], [view], offset)
+        self._busy_change(+1)
+        try:
+            got = os.preadv(self._fds[info.layer], [view], offset)
+        finally:
+            self._busy_change(-1)
         if got != info.record_bytes:
             raise RecordCorrupt(
                 f"{path}: short read for layer {info.layer}, expert {expert}: "
@@ -136,6 +145,20 @@ class RecordReader:
                     "The store is damaged; run `moestream convert` again."
                 )
         return time.perf_counter() - t0
+
+    def _busy_change(self, step: int) -> None:
+        with self._busy_lock:
+            now = time.perf_counter()
+            if self._in_flight:
+                self._busy += now - self._since
+            self._since = now
+            self._in_flight += step
+
+    def busy_seconds(self) -> float:
+        """Seconds so far with at least one read in flight: the time the SSD was kept busy. Beside the elapsed
+        time it says how much of a run the reads left the disk idle, whatever the disk's speed that day."""
+        with self._busy_lock:
+            return self._busy + (time.perf_counter() - self._since if self._in_flight else 0.0)
 
     def buffer(self, nbytes: int, populate: bool = False) -> AlignedBuffer:
         return AlignedBuffer(nbytes, populate)

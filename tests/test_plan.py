@@ -107,13 +107,16 @@ def test_unknown_model_is_a_clear_error(tmp_path):
         make_plan(str(tmp_path / "nothing"), "8GB")
 
 
-def test_probe_measures_this_disk(tmp_path):
+@pytest.mark.parametrize("depth,rounds", [(4, {1, 2, 4}), (1, {1})])
+def test_probe_measures_this_disk(tmp_path, depth, rounds):
     from moestream.probe import probe
 
-    r = probe(tmp_path, 1 << 20, queue_depth=4, seconds=0.4, file_bytes=64 << 20)
+    r = probe(tmp_path, 1 << 20, queue_depth=depth, seconds=0.4, file_bytes=64 << 20)
     assert r.bandwidth > 1e6 and r.peak_bandwidth > 1e6 and r.latency >= 0
-    assert set(r.rounds) == {1, 2, 4}
+    assert set(r.rounds) == rounds  # queue depth 1 once ran rounds of 2 reads with one buffer (IndexError)
     assert list(tmp_path.iterdir()) == []  # scratch file removed
+    with pytest.raises(ValueError, match="--queue-depth"):
+        probe(tmp_path, 1 << 20, queue_depth=0)
 
 
 def test_cli_plan(tmp_path):

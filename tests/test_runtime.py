@@ -155,6 +155,33 @@ def test_reader_parallel_reads_match_file(qwen3_store):
         reader.close()
 
 
+def test_reader_busy_time_counts_overlapping_reads_once(qwen3_store, monkeypatch):
+    """busy_seconds is the time with any read in flight: four reads at once count once, idle time not at all."""
+    import time
+
+    import moestream.reader as rd
+
+    def slow(fd, views, offset):
+        time.sleep(0.2)
+        return len(views[0])
+
+    monkeypatch.setattr(rd.os, "preadv", slow)
+    s = Store.open(qwen3_store)
+    reader = RecordReader(s, threads=4, direct=False)
+    try:
+        info = s.layers[0]
+        t0 = time.perf_counter()
+        futures = [reader.submit(info, e, reader.buffer(info.record_bytes)) for e in range(4)]
+        summed = sum(f.result() for f in futures)
+        wall = time.perf_counter() - t0
+        busy = reader.busy_seconds()
+        assert summed >= 0.8 and 0.2 <= busy <= wall < summed
+        time.sleep(0.2)  # idle: not counted
+        assert reader.busy_seconds() == busy
+    finally:
+        reader.close()
+
+
 def test_memory_budget_too_small_for_dense_stops_before_loading(qwen3_store, monkeypatch):
     import moestream.runtime as rt
 
@@ -195,8 +222,9 @@ def test_python_api_text(qwen3_store):
         assert pieces == again  # seeded sampling is reproducible
         d = m.stats.to_dict()
         for k in ("ttft_seconds", "prefill_tps", "decode_tps", "hit_rate", "bytes_read", "read_mb_s",
-                  "io_wait_share", "peak_rss"):
+                  "io_wait_share", "peak_rss", "decode_disk_busy_share"):
             assert k in d
+        assert m.stats.decode.misses > 0 and 0 < d["decode_disk_busy_share"] <= 1  # a 64 KB cache misses
 
 
 def test_prefetch_only_loads(qwen3_store, monkeypatch):
