@@ -27,10 +27,12 @@ MARK = "<!-- bench_policies -->"
 PROMPT = "import collections\nclass LRUCache:\n    def __init__(self, capacity):"
 
 
-def one_run(store: Path, cache: int, policy: str, prefetch: str, tokens: int, pin: Path | None = None) -> dict:
+def one_run(store: Path, cache: int, policy: str, prefetch: str, tokens: int, pin: Path | None = None,
+            scope: str = "global") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "moestream.cli", "run", str(store), "-p", PROMPT, "--raw", "-n", str(tokens),
-               "--cache", str(cache), "--cache-policy", policy, "--prefetch", prefetch, "--device", "cpu",
+               "--cache", str(cache), "--cache-policy", policy, "--cache-scope", scope, "--prefetch", prefetch,
+               "--device", "cpu",
                "--temperature", "1", "--seed", "0", "--stats-json", f.name] + (["--pin", str(pin)] if pin else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -62,18 +64,21 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "moestream.cli", "profile", str(store), "--prompts", str(prompts),
                         "--out", str(profile), "--raw", "-n", str(args.tokens), "--cache", str(s.expert_bytes),
                         "--temperature", "1", "--seed", "1"], check=True, capture_output=True)
-        configs = [("lru", "none", None), ("lru", "lookahead", None), ("lfu", "none", None),
-                   ("lfu", "lookahead", None), ("lru", "none", profile)]
+        configs = [("lru", "none", None, "global"), ("lru", "lookahead", None, "global"),
+                   ("lfu", "none", None, "global"),
+                   ("lfu", "lookahead", None, "global"), ("lru", "none", profile, "global"),
+                   ("lru", "none", None, "per-layer"), ("lfu", "none", None, "per-layer")]
         for share in [float(x) for x in args.caps.split(",")]:
             cache = int(s.expert_bytes * share)
             p = probe(scratch, record, 8, seconds=2.0)
-            for policy, prefetch, pin in configs:
+            for policy, prefetch, pin, scope in configs:
                 dropped = drop_caches()
-                d = one_run(store, cache, policy, prefetch, args.tokens, pin)
+                d = one_run(store, cache, policy, prefetch, args.tokens, pin, scope)
                 per_tok = d["decode_bytes_per_token"]
                 ceiling = p.peak_bandwidth / per_tok if per_tok else None
                 dec = d["decode"]
-                row = {"share": share, "cache": cache, "policy": policy + ("+pin" if pin else ""),
+                row = {"share": share, "cache": cache, "scope": scope,
+                       "policy": policy + ("+pin" if pin else "") + ("/layer" if scope == "per-layer" else ""),
                        "prefetch": prefetch,
                        "decode_tps": d["decode_tps"], "prefill_tps": d["prefill_tps"], "ttft": d["ttft_seconds"],
                        "hit_rate_decode": dec["hits"] / max(1, dec["hits"] + dec["misses"]),
@@ -100,7 +105,9 @@ def main() -> None:
              f"Machine: {result['machine']}. Date: {result['date']}. Command: `{result['command']}`. One process per "
              f"run, page cache dropped before each, O_DIRECT reads, {args.tokens} tokens sampled with a fixed seed "
              f"(identical tokens in every run). Experts: {s.expert_bytes / 1e9:.2f} GB in records of "
-             f"{record / 1e6:.2f} MB. Ceiling = the same-run probe's bandwidth (depth 8) / the run's bytes per token: the I/O-only bound, compute ignored (resident compute alone is about 30 tok/s on this model here), so a ratio above 1 only means the run was not I/O-bound.",
+             f"{record / 1e6:.2f} MB. Ceiling = the same-run probe's bandwidth (depth 8) / the run's bytes per "
+             "token: the I/O-only bound, compute ignored, so a ratio above 1 only means the run was not I/O-bound. "
+             "A policy ending /layer ran with --cache-scope per-layer (each MoE layer an equal share of the cache).",
              "", "| cache | policy | prefetch | decode tok/s | hit rate | MB/token | read MB/s | I/O wait | "
              "prefetch used / started | ceiling tok/s | decode / ceiling | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

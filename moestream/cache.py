@@ -84,6 +84,8 @@ class ExpertCache:
         self.unused_prefetch: set[Key] = set()
         self.spare: list[AlignedBuffer] = []  # reserved record buffers not yet holding a record
         self.organic: dict[int, float] = {}  # per layer: recent share of requests the cache held unguessed (EMA)
+        self.layer_budget: dict[int, int] | None = None  # --cache-scope per-layer: each layer's bytes (split_budget)
+        self.layer_used: dict[int, int] = {}
 
     def reserve(self, infos: list[LayerInfo]) -> int:
         """Allocate the budget's record buffers now (slices of one huge_region), every page touched, when all
@@ -104,8 +106,29 @@ class ExpertCache:
         self.spare += [AlignedBuffer(size, region=region[i * size:(i + 1) * size]) for i in range(n)]
         return len(self.spare)
 
+    def split_budget(self, infos: list[LayerInfo]) -> None:
+        """--cache-scope per-layer: each layer may hold its pinned experts and an equal share, in whole records,
+        of the budget left after all pinned ones; a layer's miss then evicts only that layer's experts. Call
+        after preload; the policy must keep layers apart (make_policy(name, "per-layer"))."""
+        from .policy import PerLayer, Pinned
+
+        inner = self.policy.inner if isinstance(self.policy, Pinned) else self.policy
+        if not isinstance(inner, PerLayer):
+            raise ValueError(f"a per-layer budget needs a per-layer policy, not {self.policy.name}")
+        share = (self.budget - self.pinned_bytes) // max(1, len(infos))
+        small = [i for i in infos if share < i.record_bytes]
+        if small:
+            raise MemoryError(f"--cache-scope per-layer: {format_size(self.budget - self.pinned_bytes)} of unpinned "
+                              f"expert cache over {len(infos)} layers leaves layer {small[0].layer} less than one record "
+                              f"({format_size(small[0].record_bytes)}); give a larger --cache/--memory or use "
+                              "--cache-scope global")
+        self.layer_budget = {i.layer: (len(self.pinned.get(i.layer, ())) + share // i.record_bytes) * i.record_bytes
+                             for i in infos}
+
     def capacity(self, info: LayerInfo) -> int:
         """How many records of this layer one request may bring in at once (pinned bytes excluded)."""
+        if self.layer_budget is not None and info.layer in self.layer_budget:
+            return max(1, self.layer_budget[info.layer] // info.record_bytes - len(self.pinned.get(info.layer, ())))
         return max(1, (self.budget - self.pinned_bytes) // info.record_bytes)
 
     def counters(self, layer: int) -> Counters:
@@ -120,14 +143,19 @@ class ExpertCache:
     def reset_counters(self) -> None:
         self.layers.clear()
 
-    def _buffer_for(self, nbytes: int, pinned: set[tuple[int, int]]) -> AlignedBuffer:
-        """Make room for `nbytes` by evicting unpinned LRU entries; reuse an evicted buffer if it fits."""
+    def _buffer_for(self, nbytes: int, pinned: set[tuple[int, int]], layer: int) -> AlignedBuffer:
+        """Make room for `nbytes` of `layer` by evicting the policy's victims (within the layer where its share
+        is full: split_budget); reuse an evicted buffer if it fits."""
         reuse = None
         running = {k for k, f in self.inflight.items() if not f.done()}
         if running:  # a buffer being read into cannot be handed to another read
             pinned = pinned | running
-        while self.used + nbytes > self.budget:
-            key = self.policy.victim(pinned)
+        quota = self.layer_budget.get(layer) if self.layer_budget is not None else None
+        while True:
+            full = quota is not None and self.layer_used.get(layer, 0) + nbytes > quota
+            if not full and self.used + nbytes <= self.budget:
+                break
+            key = self.policy.victim(pinned, layer if full else None)
             if key is None:
                 raise MemoryError(
                     f"expert cache budget {format_size(self.budget)} cannot hold the {len(pinned)} records "
@@ -138,12 +166,14 @@ class ExpertCache:
             self.unused_prefetch.discard(key)
             self.inflight.pop(key, None)
             self.used -= buf.nbytes
+            self.layer_used[key[0]] -= buf.nbytes
             self.counters(key[0]).evictions += 1
             if reuse is None and buf.nbytes == nbytes:
                 reuse = buf
             else:
                 self._release(buf)
         self.used += nbytes
+        self.layer_used[layer] = self.layer_used.get(layer, 0) + nbytes
         self.peak_used = max(self.peak_used, self.used)
         if reuse is None and self.spare and self.spare[-1].nbytes == nbytes:
             reuse = self.spare.pop()
@@ -185,7 +215,7 @@ class ExpertCache:
                     f.ready[e] = buf.tensor
             else:
                 c.misses += 1
-                buf = self._buffer_for(info.record_bytes, pinned)
+                buf = self._buffer_for(info.record_bytes, pinned, info.layer)
                 self.entries[key] = buf  # reserved now so later misses in this call cannot evict it
                 self.policy.insert(key)
                 f.pending[self.reader.submit(info, e, buf)] = (e, buf, True)
@@ -205,7 +235,7 @@ class ExpertCache:
             if key in self.entries:
                 continue
             try:
-                buf = self._buffer_for(info.record_bytes, pinned | {(info.layer, x) for x in experts})
+                buf = self._buffer_for(info.record_bytes, pinned | {(info.layer, x) for x in experts}, info.layer)
             except MemoryError:
                 return  # nothing evictable now: skip the guess
             self.entries[key] = buf
@@ -243,6 +273,7 @@ class ExpertCache:
             self.unused_prefetch.discard(key)
             self.inflight.pop(key, None)
             self.used -= buf.nbytes
+            self.layer_used[info.layer] -= buf.nbytes
             self._release(buf)
 
     def _release(self, buf: AlignedBuffer) -> None:
@@ -262,6 +293,7 @@ class ExpertCache:
         self.inflight.clear()
         self.unused_prefetch.clear()
         self.used = 0
+        self.layer_used.clear()
 
 
 class Fetch:

@@ -47,6 +47,9 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
                    help="which expert to evict: lfu (least frequently used, with aging; the default, measured ahead "
                         "of lru in benchmarks/RESULTS.md: when a step's experts outgrow the cache, LRU evicts each "
                         "just before its next use) or lru")
+    g.add_argument("--cache-scope", default="global", choices=["global", "per-layer"],
+                   help="global (the default: one budget, a layer's miss may evict any layer's expert) or per-layer "
+                        "(each MoE layer an equal share; benchmarks/RESULTS.md compares them)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     size.add_argument("--memory", metavar="SIZE", help="whole-process budget, split as the traced run split it")
     size.add_argument("--sweep", action="store_true", help="ten cache sizes up to all experts")
     sm.add_argument("--policies", default="lru,lfu,belady", help="comma-separated (default: lru,lfu,belady)")
+    sm.add_argument("--scopes", default="global", help="cache budget scopes, comma-separated: global, per-layer "
+                                                       "(online policies; default: global)")
     sm.add_argument("--pin", metavar="PROFILE", help="also pin a profile's hottest experts (online policies)")
     sm.add_argument("--pin-share", type=float, default=0.5, help="share of the cache pinned (default 0.5)")
     _machine_args(sm)
@@ -247,8 +252,9 @@ def _run(args, model_path: str, chat) -> int:
         cache = "256MB" if args.random else Store.open(model_path).expert_bytes // 4
     m = load(model_path, memory=args.memory, cache=cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
-             cache_policy=args.cache_policy, trace=bool(args.trace), prefetch=args.prefetch, pin=args.pin,
-             pin_share=args.pin_share, activations=args.activations, reserve=not args.lazy_cache)
+             cache_policy=args.cache_policy, cache_scope=args.cache_scope, trace=bool(args.trace),
+             prefetch=args.prefetch, pin=args.pin, pin_share=args.pin_share, activations=args.activations,
+             reserve=not args.lazy_cache)
     try:
         if m.reader.fallback_reason:
             print(f"note: buffered reads: {m.reader.fallback_reason}", file=sys.stderr)
@@ -282,8 +288,8 @@ def _serve(args) -> int:
     path = args.model or str(bundled_model())
     m = load(path, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype, verify=args.verify,
              threads=args.threads, direct=not args.no_direct, context=args.context, cache_policy=args.cache_policy,
-             prefetch=args.prefetch, pin=args.pin, pin_share=args.pin_share, activations=args.activations,
-             sequences=args.max_batch, reserve=not args.lazy_cache)
+             cache_scope=args.cache_scope, prefetch=args.prefetch, pin=args.pin, pin_share=args.pin_share,
+             activations=args.activations, sequences=args.max_batch, reserve=not args.lazy_cache)
     engine = Engine(m, max_batch=args.max_batch, max_queue=args.max_queue)
     try:
         from .stores import is_hub_id
@@ -336,8 +342,8 @@ def _trace(args, out: str | None = None) -> int:
         raise ValueError(f"{args.prompts}: no prompts in the file")
     m = load(args.model, memory=args.memory, cache=args.cache, device=args.device, dtype=args.dtype,
              verify=args.verify, threads=args.threads, direct=not args.no_direct, context=args.context,
-             cache_policy=args.cache_policy, trace=True, prefetch=args.prefetch, pin=args.pin,
-             pin_share=args.pin_share, activations=args.activations, reserve=not args.lazy_cache)
+             cache_policy=args.cache_policy, cache_scope=args.cache_scope, trace=True, prefetch=args.prefetch,
+             pin=args.pin, pin_share=args.pin_share, activations=args.activations, reserve=not args.lazy_cache)
     out = out or args.out
     try:
         from tqdm import tqdm
@@ -406,7 +412,9 @@ def _simulate(args) -> int:
         prof = load_profile(args.pin)
         rb = {int(l): int(b) for l, b in zip(t.layers, t.record_bytes)}
         pin = {size: hottest(prof, int(size * args.pin_share), rb) for size in sizes}
-    results = [simulate(t, size, p, pin[size] if pin else None) for p in policies for size in sizes]
+    scopes = [c.strip() for c in args.scopes.split(",") if c.strip()]
+    results = [simulate(t, size, p, pin[size] if pin else None, scope) for scope in scopes for p in policies
+               if scope == "global" or p != "belady" for size in sizes]
     if args.json:
         out = [{**r.to_dict(), "predicted_tps": r.predicted_tps(machine, record_bytes) if machine else None}
                for r in results]
@@ -417,10 +425,10 @@ def _simulate(args) -> int:
         if machine:
             print(f"cost model: SSD {machine.bandwidth / 1e9:.2f} GB/s ({machine.source}), "
                   f"compute {machine.compute * 1e3:.1f} ms/token (measured in the traced run)")
-        print(f"{'policy':<8} {'cache':>10} {'hit rate':>9} {'GB read':>9} {'MB/token':>9} {'pred tok/s':>10}")
+        print(f"{'policy':<10} {'cache':>10} {'hit rate':>9} {'GB read':>9} {'MB/token':>9} {'pred tok/s':>10}")
         for r in results:
             tps = f"{r.predicted_tps(machine, record_bytes):10.2f}" if machine else f"{'-':>10}"
-            print(f"{r.policy:<8} {format_size(r.cache_bytes):>10} {100 * r.hit_rate:8.1f}% "
+            print(f"{r.policy:<10} {format_size(r.cache_bytes):>10} {100 * r.hit_rate:8.1f}% "
                   f"{r.bytes_read / 1e9:9.3f} {r.decode_bytes_per_token / 1e6:9.2f} {tps}")
     if args.plot:
         plot(results, args.plot, machine, record_bytes)

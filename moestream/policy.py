@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -26,8 +26,9 @@ class Policy:
     def remove(self, key: Key) -> None:
         """`key` was evicted."""
 
-    def victim(self, pinned: set[Key]) -> Key | None:
-        """The resident key to evict next, never one in `pinned`; None if all are pinned."""
+    def victim(self, pinned: set[Key], layer: int | None = None) -> Key | None:
+        """The resident key to evict next, never one in `pinned`; None if all are pinned. `layer`: one of that
+        layer's keys (only policies that keep layers apart, PerLayer, are asked for one)."""
         raise NotImplementedError
 
 
@@ -49,7 +50,7 @@ class LRU(Policy):
     def remove(self, key: Key) -> None:
         del self.order[key]
 
-    def victim(self, pinned: set[Key]) -> Key | None:
+    def victim(self, pinned: set[Key], layer: int | None = None) -> Key | None:
         return next((k for k in self.order if k not in pinned), None)
 
 
@@ -73,7 +74,7 @@ class _HeapPolicy(Policy):
     def remove(self, key: Key) -> None:
         self.resident.discard(key)
 
-    def victim(self, pinned: set[Key]) -> Key | None:
+    def victim(self, pinned: set[Key], layer: int | None = None) -> Key | None:
         held, found = [], None
         while self.heap:
             prio, key = self.heap[0]
@@ -155,15 +156,47 @@ class Pinned(Policy):
     def remove(self, key: Key) -> None:
         self.inner.remove(key)
 
-    def victim(self, pinned: set[Key]) -> Key | None:
-        return self.inner.victim(pinned | self.keys)
+    def victim(self, pinned: set[Key], layer: int | None = None) -> Key | None:
+        return self.inner.victim(pinned | self.keys, layer)
+
+
+class PerLayer(Policy):
+    """A policy of its own for each MoE layer (`make()` builds one): a layer's request evicts only that layer's
+    experts, so each layer keeps its share of the budget (ExpertCache.split_budget)."""
+
+    def __init__(self, make: Callable[[], Policy]):
+        self.make = make
+        self.layers: dict[int, Policy] = {}
+        self.name = f"{make().name}/layer"
+
+    def _of(self, layer: int) -> Policy:
+        p = self.layers.get(layer)
+        if p is None:
+            p = self.layers[layer] = self.make()
+        return p
+
+    def access(self, key: Key, hit: bool) -> None:
+        self._of(key[0]).access(key, hit)
+
+    def insert(self, key: Key) -> None:
+        self._of(key[0]).insert(key)
+
+    def remove(self, key: Key) -> None:
+        self._of(key[0]).remove(key)
+
+    def victim(self, pinned: set[Key], layer: int | None = None) -> Key | None:
+        if layer is not None:
+            return self._of(layer).victim(pinned)
+        return next((k for p in self.layers.values() if (k := p.victim(pinned)) is not None), None)
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}  # the online policies the runtime offers (--cache-policy)
+SCOPES = ("global", "per-layer")  # --cache-scope: one budget for all layers, or an equal share each
 
 
-def make_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"--cache-policy {name!r}: choose one of {', '.join(POLICIES)}") from None
+def make_policy(name: str, scope: str = "global") -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"--cache-policy {name!r}: choose one of {', '.join(POLICIES)}")
+    if scope not in SCOPES:
+        raise ValueError(f"--cache-scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    return POLICIES[name]() if scope == "global" else PerLayer(POLICIES[name])

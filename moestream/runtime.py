@@ -362,12 +362,14 @@ class StreamedModel:
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
-         cache_policy: str = "lfu", trace: bool = False, prefetch: str = "auto", pin: str | dict | None = None,
+         cache_policy: str = "lfu", cache_scope: str = "global", trace: bool = False, prefetch: str = "auto", pin: str | dict | None = None,
          pin_share: float = 0.5, sequences: int = 1, reserve: bool = True, activations: str = "float") -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.
     `sequences` KV caches of `context` tokens are reserved within `memory` (a server's batch).
+    `cache_scope`: "global" (one budget, any layer's miss may evict any layer's expert) or "per-layer" (each
+    layer an equal share: ExpertCache.split_budget).
     `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
     `prefetch`: "none", "lookahead" (guess the next layer's experts with its router and start their reads), or
     "auto" (lookahead for a layer only while the cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent
@@ -434,7 +436,7 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         use_matvec_routers(model, [r for r in routers.values() if r is not None])
         warm_up_dense(model)
     reader = RecordReader(store, threads=threads, direct=direct, verify=verify)
-    policy = make_policy(cache_policy)
+    policy = make_policy(cache_policy, cache_scope)
     pinned = []
     if pin is not None:
         if not 0 < pin_share <= 1:
@@ -446,6 +448,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     if reserve:
         expert_cache.reserve(store.layers)
     expert_cache.preload(store.layers, pinned)
+    if cache_scope == "per-layer":
+        expert_cache.split_budget(store.layers)
     recorder = None
     if trace:
         infos = sorted(layers.values(), key=lambda i: i.layer)

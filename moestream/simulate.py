@@ -91,14 +91,18 @@ class SimResult:
                 "decode_tokens": self.decode_tokens, "decode_bytes_per_token": self.decode_bytes_per_token}
 
 
-def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: list | None = None) -> SimResult:
+def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: list | None = None,
+             scope: str = "global") -> SimResult:
     """Hits, misses and bytes for one cache size and policy ('lru', 'lfu', ... or 'belady'); `pin`:
-    experts preloaded and never evicted, as `--pin` does (online policies only)."""
+    experts preloaded and never evicted, as `--pin` does (online policies only); `scope`: one budget for all
+    layers, or "per-layer" (an equal share each, as --cache-scope; online policies only)."""
     if isinstance(policy, str):
         if policy == "belady":
+            if scope != "global":
+                raise ValueError("belady is the optimum of one global budget: --scope global only")
             policy = Belady(requests(trace, cache_bytes))
         else:
-            policy = make_policy(policy)
+            policy = make_policy(policy, scope)
     if cache_bytes < int(trace.record_bytes.max()):
         raise ValueError(f"cache of {cache_bytes} bytes holds no record of {int(trace.record_bytes.max())} bytes")
     infos = _infos(trace)
@@ -107,6 +111,8 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: 
     cache = ExpertCache(NullReader(), cache_bytes, policy)
     if pin and not isinstance(policy, Belady):
         cache.preload(infos, pin)
+    if scope != "global":
+        cache.split_budget(infos)
     result = SimResult(policy.name, cache_bytes)
     for decode, experts in trace.steps():
         misses, asked = [], 0

@@ -71,17 +71,20 @@ def test_belady_is_at_least_every_policy_on_random_traces():
                 assert opt >= simulate(t, cap * 4096, p).hits, (trial, cap, p)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_simulator_equals_runtime_counters(qwen3_store, tmp_path, policy):
+@pytest.mark.parametrize("policy,scope", [("lru", "global"), ("lfu", "global"), ("lfu", "per-layer")])
+def test_simulator_equals_runtime_counters(qwen3_store, tmp_path, policy, scope):
     budget = expert_bytes(qwen3_store) // 4
-    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy=policy,
+    with moestream.load(qwen3_store, cache=budget, device="cpu", trace=True, cache_policy=policy, cache_scope=scope,
                         prefetch="none") as m:  # the simulator replays requests only, no guesses
         for p in PROMPTS:
             list(m.stream_ids(p, max_new_tokens=12, stop_at_eos=False))
         path = m.save_trace(tmp_path / "t.npz")
         runtime = {layer: c for layer, c in m.cache.layers.items()}
+        if scope == "per-layer":  # every layer within its share, and the shares within the budget
+            assert all(m.cache.layer_used[layer] <= share for layer, share in m.cache.layer_budget.items())
+            assert sum(m.cache.layer_budget.values()) <= budget
     t = Trace.load(path)
-    r = simulate(t, budget, policy)
+    r = simulate(t, budget, policy, scope=scope)
     total = sum(runtime.values(), type(next(iter(runtime.values())))())
     assert (r.hits, r.misses, r.evictions, r.bytes_read) == (total.hits, total.misses, total.evictions,
                                                              total.bytes_read)
@@ -160,6 +163,11 @@ def test_cli_trace_simulate_plot(qwen3_store, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("simulate", tmp_path / "t.npz", "--cache", "100KB", "--policies", "lru", "--pin", tmp_path / "p.json")
     assert r.returncode == 0 and "lru+pin" in r.stdout
+    r = cli("simulate", tmp_path / "t.npz", "--cache", "100KB", "--scopes", "global,per-layer")
+    assert r.returncode == 0, r.stderr
+    assert "lfu/layer" in r.stdout and "lru/layer" in r.stdout and "belady" in r.stdout
+    r = cli("run", qwen3_store, "-p", "x", "-n", 4, "--cache", "100KB", "--cache-scope", "per-layer")
+    assert r.returncode == 0, r.stderr
 
 
 def test_expected_io_averages_rounds_over_the_binomial():
@@ -248,3 +256,35 @@ def test_records_of_two_sizes_evict_each_other():
                   np.zeros(1, dtype=np.int32), np.array([True]), experts, np.zeros(experts.shape, np.float16), {})
     r = simulate(trace, 12288, "lru")
     assert (r.hits, r.misses, r.evictions) == (0, 3, 1)
+
+
+def two_layer_trace(tokens: list[tuple[int, int]], num_experts: int = 4, record: int = 4096) -> Trace:
+    """One decode step per token; tokens[i] = (layer 0's expert, layer 1's expert), top-1."""
+    experts = np.array([[[a], [b]] for a, b in tokens], dtype=np.int32)
+    n = len(tokens)
+    return Trace(np.array([0, 1]), np.array([num_experts] * 2), np.array([record] * 2), np.ones(n, dtype=np.int64),
+                 np.zeros(n, dtype=np.int32), np.ones(n, dtype=bool), experts, np.zeros(experts.shape, np.float16), {})
+
+
+def test_per_layer_budget_keeps_each_layer_to_its_share():
+    """Layer 0 cycles over 3 experts, layer 1 always asks for one. A global cache of 4 records holds all 4 after the
+    first round; split 2 and 2, layer 0's three cannot share two slots under LRU and miss on every token, while
+    layer 1 keeps its expert."""
+    t = two_layer_trace([(i % 3, 0) for i in range(12)])
+    g = simulate(t, 4 * 4096, "lru")
+    p = simulate(t, 4 * 4096, "lru", scope="per-layer")
+    assert (g.misses, g.policy) == (4, "lru")
+    assert (p.misses, p.policy) == (12 + 1, "lru/layer")
+    assert [m[1] for m in p.decode_misses] == [1] + [0] * 11
+
+
+def test_per_layer_budget_errors():
+    from moestream.policy import make_policy
+
+    t = two_layer_trace([(0, 0), (1, 1)])
+    with pytest.raises(MemoryError, match="--cache-scope per-layer"):
+        simulate(t, 4096, "lfu", scope="per-layer")  # one record over two layers
+    with pytest.raises(ValueError, match="--cache-scope"):
+        make_policy("lfu", "everywhere")
+    with pytest.raises(ValueError, match="belady"):
+        simulate(t, 4 * 4096, "belady", scope="per-layer")
