@@ -147,15 +147,20 @@ class ExpertCache:
         """Make room for `nbytes` of `layer` by evicting the policy's victims (within the layer where its share
         is full: split_budget); reuse an evicted buffer if it fits."""
         reuse = None
+        asked = pinned
         running = {k for k, f in self.inflight.items() if not f.done()}
-        if running:  # a buffer being read into cannot be handed to another read
-            pinned = pinned | running
+        pinned = asked | running  # a buffer being read into cannot be handed to another read
         quota = self.layer_budget.get(layer) if self.layer_budget is not None else None
         while True:
             full = quota is not None and self.layer_used.get(layer, 0) + nbytes > quota
             if not full and self.used + nbytes <= self.budget:
                 break
             key = self.policy.victim(pinned, layer if full else None)
+            if key is None and running:  # only guesses being read are left: the first to land can go
+                wait([self.inflight[k] for k in running], return_when=FIRST_COMPLETED)
+                running = {k for k, f in self.inflight.items() if not f.done()}
+                pinned = asked | running
+                continue
             if key is None:
                 raise MemoryError(
                     f"expert cache budget {format_size(self.budget)} cannot hold the {len(pinned)} records "
@@ -228,7 +233,10 @@ class ExpertCache:
         """Start reading guessed experts of a coming layer; never evicts `keep` or other reads in flight.
         Prefetch only loads records: results cannot change, only where time goes."""
         c = self.counters(info.layer)
-        room = self.capacity(info) - len(keep) - sum(not f.done() for f in self.inflight.values())
+        if self.layer_budget is not None:  # a layer's share: other layers' records and reads take none of it
+            room = self.capacity(info) - sum(not f.done() for k, f in self.inflight.items() if k[0] == info.layer)
+        else:
+            room = self.capacity(info) - len(keep) - sum(not f.done() for f in self.inflight.values())
         pinned = set(keep)
         for e in experts[: max(0, room)]:
             key = (info.layer, e)

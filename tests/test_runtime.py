@@ -229,10 +229,17 @@ def test_python_api_text(qwen3_store):
 
 def test_prefetch_only_loads(qwen3_store, monkeypatch):
     """--prefetch lookahead starts reads early; tokens and logits are the same bits as without it."""
-    budget = expert_bytes(qwen3_store) // 2
     runs = {}
-    for mode in ("none", "lookahead", "auto"):
-        with moestream.load(qwen3_store, cache=budget, device="cpu", prefetch=mode) as m:
+    record = Store.open(qwen3_store).layers[0].record_bytes
+    # per-layer: each of the 2 MoE layers holds 2 records, one top-2 request: a wrong guess still being read
+    # leaves the next request no victim until it lands (the cache waits for it)
+    for mode, scope, budget in [("none", "global", expert_bytes(qwen3_store) // 2),
+                                ("lookahead", "global", expert_bytes(qwen3_store) // 2),
+                                ("auto", "global", expert_bytes(qwen3_store) // 2),
+                                ("lookahead", "per-layer", 4 * record)]:
+        mode = mode if scope == "global" else "per-layer"
+        with moestream.load(qwen3_store, cache=budget, device="cpu", prefetch=mode.replace("per-layer", "lookahead"),
+                            cache_scope=scope) as m:
             with torch.no_grad():
                 logits = m.model(torch.tensor([PROMPT])).logits
             m.cache.clear()
@@ -242,11 +249,14 @@ def test_prefetch_only_loads(qwen3_store, monkeypatch):
                 tokens.append(t)
                 used.append(m.cache.used)
             assert max(used) <= budget and m.cache.peak_used <= budget
+            if scope == "per-layer":
+                assert m.cache.layer_budget == {0: 2 * record, 2: 2 * record}
+                assert all(v <= 2 * record for v in m.cache.layer_used.values())
             runs[mode] = (logits, tokens, m.cache.total())
-    assert torch.equal(runs["none"][0], runs["lookahead"][0]) and torch.equal(runs["none"][0], runs["auto"][0])
-    assert runs["none"][1] == runs["lookahead"][1] == runs["auto"][1]
-    c = runs["lookahead"][2]
-    assert c.prefetched > 0 and 0 <= c.prefetch_used <= c.prefetched
+    for mode in ("lookahead", "auto", "per-layer"):
+        assert torch.equal(runs["none"][0], runs[mode][0]) and runs["none"][1] == runs[mode][1], mode
+        c = runs[mode][2]
+        assert mode == "auto" or c.prefetched > 0 and 0 <= c.prefetch_used <= c.prefetched
     assert runs["none"][2].prefetched == 0
 
 

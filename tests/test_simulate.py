@@ -288,3 +288,34 @@ def test_per_layer_budget_errors():
         make_policy("lfu", "everywhere")
     with pytest.raises(ValueError, match="belady"):
         simulate(t, 4 * 4096, "belady", scope="per-layer")
+
+
+def test_a_full_layer_share_waits_for_guesses_being_read():
+    """Per-layer share of 2 records, both taken by guesses still being read: a request for 2 other experts waits
+    for a guess to land and evicts it, instead of failing for want of a victim."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from moestream.cache import ExpertCache
+    from moestream.policy import make_policy
+    from moestream.simulate import NullReader, _infos
+
+    class SlowGuesses(NullReader):
+        def submit(self, info, expert, buf, guess=False):
+            if not guess:
+                return super().submit(info, expert, buf)
+            f = Future()
+            f.set_running_or_notify_cancel()  # started: a request cannot cancel it
+            threading.Timer(0.2, f.set_result, (0.2,)).start()
+            return f
+
+    infos = _infos(two_layer_trace([(0, 0)]))
+    cache = ExpertCache(SlowGuesses(), 4 * 4096, make_policy("lru", "per-layer"))
+    cache.split_budget(infos)
+    cache.prefetch(infos[1], [0, 1], keep=[])
+    assert cache.layer_used[1] == 2 * 4096 and all(not f.done() for f in cache.inflight.values())
+    t0 = time.perf_counter()
+    got = cache.get(infos[1], [2, 3])
+    assert sorted(got) == [2, 3] and time.perf_counter() - t0 >= 0.15
+    assert cache.layer_used[1] == 2 * 4096 and cache.total().evictions == 2
