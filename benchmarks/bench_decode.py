@@ -248,7 +248,7 @@ def moestream_run(store: Path, cap: int | None, tokens: int, temperature: float,
                 "ttft_seconds": stats["ttft_seconds"], "decode_bytes_per_token": stats["decode_bytes_per_token"],
                 "hit_rate": stats["hit_rate"], "read_mb_s": stats["read_mb_s"], "io_wait_share": stats["io_wait_share"],
                 "peak_rss": stats["peak_rss"], "cache_budget": stats["cache_budget"], "cgroup": cg,
-                "decode_misses": io[1]["misses"]}
+                "decode_misses": io[1]["misses"], "decode_disk_busy_share": stats["decode_disk_busy_share"]}
 
 
 def llama_run(gguf_path: Path, cap: int | None, tokens: int, temperature: float, warm: bool = False) -> dict:

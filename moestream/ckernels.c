@@ -146,7 +146,7 @@ static void split_tokens(const float *x, int M, int cols, float *xs) {
 
 /* The products of M tokens, token after token inside one parallel region. Reusing each unpacked code for
  * several tokens (one row, 8 tokens a pass) measured slower per token here than this (0.21 against 0.16 ms
- * per expert and token): the 4-row blocks share x's loads and keep more independent chains. */
+ * per expert and token, with blocks of 4 rows then): the row blocks share x's loads and keep independent chains. */
 static void rows_any(const uint8_t *q, const void *s, int kind, int rows, int cols, int group, const float *xs,
                      int M, const float *lut, float *y) {
     const long half = cols / 2;
