@@ -407,7 +407,8 @@ def table(result: dict) -> list[str]:
                        if "io_ceiling_tps" in m else "—")
             busy = f"{100 * m['decode_disk_busy_share']:.0f} %" if "decode_disk_busy_share" in m else "—"
             lines.append(f"| {cap} | {engine} | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
-                         f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | {busy} | "
+                         f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | "
+                         f"{busy} | "
                          f"{m.get('load_seconds', float('nan')):.2f} | {m['ttft_seconds']:.2f} | "
                          f"{m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
         for ra, r in ll.items():

@@ -118,10 +118,10 @@ class ExpertCache:
         share = (self.budget - self.pinned_bytes) // max(1, len(infos))
         small = [i for i in infos if share < i.record_bytes]
         if small:
-            raise MemoryError(f"--cache-scope per-layer: {format_size(self.budget - self.pinned_bytes)} of unpinned "
-                              f"expert cache over {len(infos)} layers leaves layer {small[0].layer} less than one record "
-                              f"({format_size(small[0].record_bytes)}); give a larger --cache/--memory or use "
-                              "--cache-scope global")
+            raise MemoryError(f"--cache-scope per-layer: {format_size(self.budget - self.pinned_bytes)} of "
+                              f"unpinned expert cache over {len(infos)} layers leaves layer {small[0].layer} less "
+                              f"than one record ({format_size(small[0].record_bytes)}); give a larger "
+                              "--cache/--memory or use --cache-scope global")
         self.layer_budget = {i.layer: (len(self.pinned.get(i.layer, ())) + share // i.record_bytes) * i.record_bytes
                              for i in infos}
 
@@ -143,9 +143,10 @@ class ExpertCache:
     def reset_counters(self) -> None:
         self.layers.clear()
 
-    def _buffer_for(self, nbytes: int, pinned: set[tuple[int, int]], layer: int) -> AlignedBuffer:
+    def _buffer_for(self, nbytes: int, pinned: set[tuple[int, int]], layer: int, block: bool = True) -> AlignedBuffer:
         """Make room for `nbytes` of `layer` by evicting the policy's victims (within the layer where its share
-        is full: split_budget); reuse an evicted buffer if it fits."""
+        is full: split_budget); reuse an evicted buffer if it fits. `block`: where only reads in flight stand in
+        the way, wait for one to land (a request); else MemoryError (a guess never waits)."""
         reuse = None
         asked = pinned
         running = {k for k, f in self.inflight.items() if not f.done()}
@@ -156,7 +157,7 @@ class ExpertCache:
             if not full and self.used + nbytes <= self.budget:
                 break
             key = self.policy.victim(pinned, layer if full else None)
-            if key is None and running:  # only guesses being read are left: the first to land can go
+            if key is None and running and block:  # only guesses being read are left: the first to land can go
                 wait([self.inflight[k] for k in running], return_when=FIRST_COMPLETED)
                 running = {k for k, f in self.inflight.items() if not f.done()}
                 pinned = asked | running
@@ -243,7 +244,8 @@ class ExpertCache:
             if key in self.entries:
                 continue
             try:
-                buf = self._buffer_for(info.record_bytes, pinned | {(info.layer, x) for x in experts}, info.layer)
+                buf = self._buffer_for(info.record_bytes, pinned | {(info.layer, x) for x in experts}, info.layer,
+                                       block=False)
             except MemoryError:
                 return  # nothing evictable now: skip the guess
             self.entries[key] = buf

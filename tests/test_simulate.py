@@ -316,6 +316,9 @@ def test_a_full_layer_share_waits_for_guesses_being_read():
     cache.prefetch(infos[1], [0, 1], keep=[])
     assert cache.layer_used[1] == 2 * 4096 and all(not f.done() for f in cache.inflight.values())
     t0 = time.perf_counter()
+    with pytest.raises(MemoryError):  # a guess's room never waits for reads
+        cache._buffer_for(4096, set(), 1, block=False)
+    assert time.perf_counter() - t0 < 0.1
     got = cache.get(infos[1], [2, 3])
     assert sorted(got) == [2, 3] and time.perf_counter() - t0 >= 0.15
     assert cache.layer_used[1] == 2 * 4096 and cache.total().evictions == 2
