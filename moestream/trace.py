@@ -96,7 +96,7 @@ class Trace:
                 meta = json.loads(str(z["meta"]))
         except FileNotFoundError:
             raise TraceError(f"{path}: no such trace file") from None
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, EOFError) as e:  # EOFError: an empty file
             raise TraceError(f"{path}: not a moestream trace ({e})") from e
         t = cls(meta=meta, **fields)
         if t.experts.shape[0] != int(t.step_tokens.sum()) or t.experts.shape[1] != len(t.layers):

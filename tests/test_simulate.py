@@ -115,6 +115,9 @@ def test_bad_trace_file(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(TraceError, match="not a moestream trace"):
         Trace.load(tmp_path / "bad.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")  # numpy raises EOFError for it
+    with pytest.raises(TraceError, match="not a moestream trace"):
+        Trace.load(tmp_path / "empty.npz")
 
 
 def test_cost_model_arithmetic():
