@@ -362,8 +362,9 @@ class StreamedModel:
 def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | str | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, verify: bool = False,
          threads: int = 8, direct: bool = True, context: int = 4096, progress: bool = True,
-         cache_policy: str = "lfu", cache_scope: str = "global", trace: bool = False, prefetch: str = "auto", pin: str | dict | None = None,
-         pin_share: float = 0.5, sequences: int = 1, reserve: bool = True, activations: str = "float") -> StreamedModel:
+         cache_policy: str = "lfu", cache_scope: str = "global", trace: bool = False, prefetch: str = "auto",
+         pin: str | dict | None = None, pin_share: float = 0.5, sequences: int = 1, reserve: bool = True,
+         activations: str = "float") -> StreamedModel:
     """Load a store (or a checkpoint directory / hub id, converted once into the local store cache).
 
     `memory` is the budget for the whole process; `cache` sets the expert cache directly instead.

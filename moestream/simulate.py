@@ -99,7 +99,7 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: 
     if isinstance(policy, str):
         if policy == "belady":
             if scope != "global":
-                raise ValueError("belady is the optimum of one global budget: --scope global only")
+                raise ValueError("belady is the optimum of one global budget: scope global only")
             policy = Belady(requests(trace, cache_bytes))
         else:
             policy = make_policy(policy, scope)
