@@ -315,7 +315,7 @@ def main() -> None:
         print(f"GGUF {gguf_path.stat().st_size / 1e9:.2f} GB and store ready in {time.time() - t0:.0f} s", flush=True)
         store = Store.open(store_path)
         record = store.layers[0].record_bytes
-        ssd = probe(scratch, record, 8, seconds=3.0)
+        ssd = probe(scratch, record, 8, seconds=3.0)  # the same probe as each capped row's, below
         print(ssd.describe(), flush=True)
         fresh = fresh_memory_gbps()
         print(f"fresh memory after dropping the page cache: {fresh:.2f} GB/s", flush=True)
@@ -329,14 +329,14 @@ def main() -> None:
             row = {"cap": cap_s, "cap_bytes": cap, "moestream": {}}
             # The disk's speed drifts from minute to minute (1.5-2.9 GB/s within ten minutes on the Xeon VM): each
             # capped row's ceiling divides by the mean of probes just before and just after its moestream runs.
-            before = probe(scratch, record, 8, seconds=3.0).peak_bandwidth if cap is not None else None
+            before = probe(scratch, record, ssd.queue_depth, seconds=3.0).peak_bandwidth if cap is not None else None
             for mode, pf in [(a, p) for p in args.prefetch.split(",") for a in args.activations.split(",")
                              if cap is not None or p == "none"]:  # resident: every expert pinned, nothing to guess
                 key = mode if pf == "none" else f"{mode}+{pf}"
                 row["moestream"][key] = moestream_run(store_path, cap, args.tokens, args.temperature,
                                                       profile if cap is None else None, mode, pf)
             if cap is not None:
-                after = probe(scratch, record, 8, seconds=3.0).peak_bandwidth
+                after = probe(scratch, record, ssd.queue_depth, seconds=3.0).peak_bandwidth
                 row["ssd_probe_gbps"] = [before / 1e9, after / 1e9]
                 print(cap_s, f"SSD probe before / after: {before / 1e9:.2f} / {after / 1e9:.2f} GB/s", flush=True)
             for key, m in row["moestream"].items():

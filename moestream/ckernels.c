@@ -86,8 +86,9 @@ static inline void store_vec(void *p, long i, __m512 f, int kind, int n) {
  * (lane l keeps byte 4 (l % 4) + l / 4 in its low bits: split() orders x to match), and each group's scale is
  * broadcast from memory (against a zero-extension and a permute per block and row, an expert in cache on a Xeon
  * VM: 0.123 against 0.141 ms). */
-#define ROWS 2  /* against 4, 8 experts a call on a Xeon VM: 0.120-0.126 against 0.158 ms an expert read from memory,
-                  * 0.094 against 0.124 in cache: two rows' streams keep the hardware prefetchers ahead of the arithmetic */
+/* Two rows a block against four, 8 experts a call on a Xeon VM: 0.120-0.126 against 0.158 ms an expert read from
+ * memory, 0.094 against 0.124 in cache: two rows' streams keep the hardware prefetchers ahead of the arithmetic. */
+#define ROWS 2
 #define PREFETCH_ROWS 8  /* rows ahead (4 and 12 measured the same with two rows) */
 static void rows_block(const uint8_t *q, long stride, const void *s, int kind, long s0, long sstride, int groups, int gb,
                        const float *xe, const float *xo, __m512 lut, float *y) {

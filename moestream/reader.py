@@ -20,7 +20,8 @@ import xxhash
 from .store import ALIGN, LayerInfo, Store
 
 CHECKSUM = "xxh3_64"
-GUESS_THREADS = 1  # prefetch reads in flight at once (2 GiB, bench_decode's model: 1, 2, 4 threads 5.1, 4.9-5.0, 4.8-4.9 tok/s)
+# prefetch reads in flight at once (2 GiB, bench_decode's model: 1, 2, 4 threads 5.1, 4.9-5.0, 4.8-4.9 tok/s)
+GUESS_THREADS = 1
 
 
 def checksum(data) -> str:
@@ -61,7 +62,8 @@ class AlignedBuffer:
         self.nbytes = nbytes
         self.region = region is not None
         if region is not None:
-            if region.numel() != nbytes or region.data_ptr() % ALIGN:  # records are ALIGN multiples: slices stay aligned
+            # records are ALIGN multiples: slices of one aligned region stay aligned
+            if region.numel() != nbytes or region.data_ptr() % ALIGN:
                 raise ValueError(f"a record buffer needs {nbytes} bytes aligned to {ALIGN} for O_DIRECT")
             self.tensor = region
             self.mm = memoryview(region.numpy())
