@@ -66,6 +66,9 @@ class _HeapPolicy(Policy):
         self.prio[key] = prio
         if key in self.resident:
             heapq.heappush(self.heap, (prio, key))
+            if len(self.heap) > 4 * len(self.resident) + 64:  # each hit leaves a stale entry: drop them now and then
+                self.heap = [(p, k) for p, k in self.heap if k in self.resident and self.prio.get(k, ()) == p]
+                heapq.heapify(self.heap)
 
     def insert(self, key: Key) -> None:
         self.resident.add(key)
@@ -87,9 +90,6 @@ class _HeapPolicy(Policy):
                 break
         for item in held:
             heapq.heappush(self.heap, item)
-        if len(self.heap) > 4 * len(self.resident) + 64:  # drop stale entries now and then
-            self.heap = [(p, k) for p, k in self.heap if k in self.resident and self.prio.get(k, ()) == p]
-            heapq.heapify(self.heap)
         return found
 
 

@@ -325,3 +325,20 @@ def test_a_full_layer_share_waits_for_guesses_being_read():
     got = cache.get(infos[1], [2, 3])
     assert sorted(got) == [2, 3] and time.perf_counter() - t0 >= 0.15
     assert cache.layer_used[1] == 2 * 4096 and cache.total().evictions == 2
+
+
+@pytest.mark.parametrize("name", ["lfu", "belady"])
+def test_heap_policy_stays_small_without_evictions(name):
+    """A resident cache hits forever and never evicts: every hit re-prioritises its key, and the lazy heap must not
+    keep one stale entry per hit (a long resident session grew it by 192 entries a token)."""
+    from moestream.policy import Belady, LFU
+
+    keys = [(0, e) for e in range(16)]
+    requests = keys * 2000
+    policy = LFU() if name == "lfu" else Belady(requests)
+    for k in keys:
+        policy.insert(k)
+    for k in requests:
+        policy.access(k, True)
+    assert len(policy.heap) <= 4 * len(keys) + 64
+    assert policy.victim(set()) in keys  # still answers
