@@ -23,13 +23,14 @@ from .store import LayerInfo
 ORGANIC_WEIGHT = 0.25  # a fetch's weight in a layer's recent organic hit rate (ExpertCache.organic)
 
 
-def request_groups(top_k_index: torch.Tensor, num_experts: int, capacity: int,
+def request_groups(top_k_index: torch.Tensor | list[int], num_experts: int, capacity: int,
                    held: Container[int] = ()) -> list[list[int]]:
-    """The experts one layer call fetches: the union of the tokens' choices, ascending, in groups that each
-    bring in at most `capacity` experts (what fits the cache at once) besides those `held` (pinned in the cache:
-    already there, needing no room; a cache all pinned once ran every expert in a group of its own). Shared by
-    the runtime and the simulator."""
-    wanted = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
+    """The experts one layer call fetches: the union of the tokens' choices (a tensor, or one token's as a list),
+    ascending, in groups that each bring in at most `capacity` experts (what fits the cache at once) besides those
+    `held` (pinned in the cache: already there, needing no room; a cache all pinned once ran every expert in a
+    group of its own). Shared by the runtime and the simulator."""
+    chosen = top_k_index if isinstance(top_k_index, list) else torch.unique(top_k_index).tolist()
+    wanted = sorted({e for e in chosen if 0 <= e < num_experts})
     step = max(1, capacity)
     groups: list[list[int]] = []
     room = 0

@@ -303,7 +303,8 @@ static inline __attribute__((always_inline)) float dense_row(const uint16_t *wr,
  * exact in float32 (a half times a half), summed in float32 as torch's F.linear does, in another order.
  * Memory-bound: one row at a time streamed with four accumulators (4-row blocks with prefetch measured
  * 24 GB/s on a 2-core EPYC, this 28). */
-int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const uint16_t *x, float *y, int threads) {
+int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const uint16_t *x, void *y, int ykind,
+                          int threads) {
     float *xf = malloc(sizeof(float) * cols);
     if (!xf) return -1;
     for (int k = 0; k < cols; k += 16) {
@@ -311,9 +312,12 @@ int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const
         _mm512_mask_storeu_ps(xf + k, (__mmask16)((1u << n) - 1), load_floats(x + k, kind, 0, n));
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r = 0; r < rows; r++)
-        y[r] = kind == SCALE_BF16 ? dense_row(w + (long)r * cols, xf, cols, SCALE_BF16)
-                                  : dense_row(w + (long)r * cols, xf, cols, SCALE_F16);
+    for (int r = 0; r < rows; r++) {
+        const float d = kind == SCALE_BF16 ? dense_row(w + (long)r * cols, xf, cols, SCALE_BF16)
+                                           : dense_row(w + (long)r * cols, xf, cols, SCALE_F16);
+        if (ykind == SCALE_F32) ((float *)y)[r] = d;
+        else store_vec(y, r, _mm512_set1_ps(d), ykind, 1);  /* rounded to nearest even, as .to(dtype) */
+    }
     free(xf);
     return 0;
 }
@@ -592,6 +596,27 @@ int ckernels_weighted_sum(const float *ys, const int *slot, int n, int hidden, c
     return 0;
 }
 
+/* transformers' rotate-half rotary embedding, in place over rows x d values (kind): x * cos + rotate_half(x) * sin
+ * with cos, sin [d] (kind), each product and the sum rounded to the dtype as torch computes them in it
+ * (apply_rotary_pos_emb: eight torch ops a call). */
+int ckernels_rope(void *x, const void *cos, const void *sin, int kind, int rows, int d) {
+    const int h = d / 2;
+    for (int r = 0; r < rows; r++) {
+        const long o = (long)r * d;
+        for (int i = 0; i < h; i += 16) {
+            const int n = h - i < 16 ? h - i : 16;
+            const __m512 a = load_floats(x, kind, o + i, n), b = load_floats(x, kind, o + h + i, n);
+            const __m512 lo = _mm512_sub_ps(round_vec(_mm512_mul_ps(a, load_floats(cos, kind, i, n)), kind),
+                                            round_vec(_mm512_mul_ps(b, load_floats(sin, kind, i, n)), kind));
+            const __m512 hi = _mm512_add_ps(round_vec(_mm512_mul_ps(b, load_floats(cos, kind, h + i, n)), kind),
+                                            round_vec(_mm512_mul_ps(a, load_floats(sin, kind, h + i, n)), kind));
+            store_vec(x, o + i, lo, kind, n);
+            store_vec(x, o + h + i, hi, kind, n);
+        }
+    }
+    return 0;
+}
+
 /* transformers' RMSNorm for rows x n values (kind): h = float(x); h * rsqrt(mean(h^2) + eps) rounded to the
  * dtype, times the weight (kind) rounded again, as `weight * hidden_states.to(input_dtype)` computes it. */
 int ckernels_rms_norm(const void *x, const void *w, void *out, int kind, int rows, int n, float eps) {
@@ -612,4 +637,41 @@ int ckernels_rms_norm(const void *x, const void *w, void *out, int kind, int row
     }
     return 0;
 }
+
+/* One decode token through a Qwen3-style attention block, in one call: out = x + o_proj(attention(rope(norm_q(q)),
+ * rope(norm_k(k)), v)) for q, k, v the projections of rms_norm(x), every step the kernel above that does it alone
+ * with the same roundings (each rounded to the dtype where transformers rounds it). The new key and value (position
+ * T) are written into the caches kc, vc [hkv heads x capacity x d] (head stride hs elements, token stride d), which
+ * hold positions 0..T-1 already. w: input norm, q, k, v, o, q-norm, k-norm weights, then cos, sin [d] (all kind). */
+int ckernels_attention_block(const void *x, const uint16_t *const *w, const float *eps, const void *cos,
+                             const void *sin, void *kc, void *vc, long hs, int T, int kind, int hidden, int hq,
+                             int hkv, int d, float scale, void *out, int threads) {
+    const int size = kind == SCALE_F32 ? 4 : 2;
+    char *buf = malloc((size_t)size * (hidden + 2 * hq * d + 2 * hkv * d));
+    if (!buf) return -1;
+    char *h = buf, *q = h + (size_t)size * hidden, *k = q + (size_t)size * hq * d, *v = k + (size_t)size * hkv * d;
+    char *att = v + (size_t)size * hkv * d;
+    int rc = ckernels_rms_norm(x, w[0], h, kind, 1, hidden, eps[0]);
+    rc |= ckernels_dense_matvec(w[1], kind, hq * d, hidden, (const uint16_t *)h, q, kind, threads);
+    rc |= ckernels_dense_matvec(w[2], kind, hkv * d, hidden, (const uint16_t *)h, k, kind, threads);
+    rc |= ckernels_dense_matvec(w[3], kind, hkv * d, hidden, (const uint16_t *)h, v, kind, threads);
+    rc |= ckernels_rms_norm(q, w[5], q, kind, hq, d, eps[1]);
+    rc |= ckernels_rms_norm(k, w[6], k, kind, hkv, d, eps[2]);
+    rc |= ckernels_rope(q, cos, sin, kind, hq, d);
+    rc |= ckernels_rope(k, cos, sin, kind, hkv, d);
+    for (int i = 0; i < hkv; i++) {
+        memcpy((char *)kc + (size_t)size * (i * hs + (long)T * d), k + (size_t)size * i * d, (size_t)size * d);
+        memcpy((char *)vc + (size_t)size * (i * hs + (long)T * d), v + (size_t)size * i * d, (size_t)size * d);
+    }
+    rc |= ckernels_attend_one(q, kc, vc, NULL, att, kind, 1, hq, hkv, T + 1, d, d, 0, 0, hs, d, 0, hs, d, scale,
+                              threads);
+    rc |= ckernels_dense_matvec(w[4], kind, hidden, hq * d, (const uint16_t *)att, h, kind, threads);
+    for (int i = 0; i < hidden; i += 16) {  /* the residual: x + o_proj(...), rounded */
+        const int n = hidden - i < 16 ? hidden - i : 16;
+        store_vec(out, i, _mm512_add_ps(load_floats(x, kind, i, n), load_floats(h, kind, i, n)), kind, n);
+    }
+    free(buf);
+    return rc ? -1 : 0;
+}
 #endif
+

@@ -99,7 +99,7 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_matvec.restype = i
     lib.ckernels_silu_mlp.argtypes = [p, p, i, i, p, p, i, i, i, i, p, p, i, p, i]
     lib.ckernels_silu_mlp.restype = i
-    lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i]
+    lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i, i]
     lib.ckernels_dense_matvec.restype = i
     lib.ckernels_kquant_matvec.argtypes = [p, i, i, i, p, i, p, i]
     lib.ckernels_kquant_matvec.restype = i
@@ -110,6 +110,9 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_attend_one.restype = i
     lib.ckernels_weighted_sum.argtypes = [p, p, i, i, p, p, i]
     lib.ckernels_rms_norm.argtypes = [p, p, p, i, i, i, ctypes.c_float]
+    lib.ckernels_attention_block.argtypes = [p, p, p, p, p, p, p, ctypes.c_long, i, i, i, i, i, i, ctypes.c_float,
+                                             p, i]
+    lib.ckernels_attention_block.restype = i
     _lib = lib
     return lib
 
@@ -137,16 +140,17 @@ def takes(w) -> bool:
             and w.q.is_contiguous() and w.scale.is_contiguous())
 
 
-def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+def dense_matvec(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """x [1, cols] times a dense bf16 / fp16 w [rows, cols] of x's dtype transposed, summed in float32:
-    [1, rows] float32; None where these kernels do not take them (then the caller computes it)."""
+    [1, rows] in `dtype` (float32, or rounded to nearest even as `.to(dtype)` does); None where these kernels do
+    not take them (then the caller computes it)."""
     if (_load() is None or w.dtype not in (torch.bfloat16, torch.float16) or x.dtype != w.dtype
-            or not w.is_contiguous()):
+            or not w.is_contiguous() or dtype not in SCALE_KINDS):
         return None
     x = x.contiguous()
-    y = torch.empty(1, w.shape[0])
+    y = torch.empty(1, w.shape[0], dtype=dtype)
     _ok(_lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
-                                   y.data_ptr(), torch.get_num_threads()))
+                                   y.data_ptr(), SCALE_KINDS[dtype], torch.get_num_threads()))
     return y
 
 
@@ -202,6 +206,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     _lib.ckernels_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), SCALE_KINDS[x.dtype],
                            x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
+
+
+def attention_block(lean, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, positions: int, out: torch.Tensor) -> None:
+    """One decode token x [hidden] (half precision, contiguous) through a decoder layer's attention block and
+    residual into out [hidden]: decode.LeanLayer `lean` gives the weights; keys, values [1, kv heads, capacity,
+    head dim] hold `positions` positions, and take the new one at index `positions`; cos, sin [head dim]."""
+    _ok(_lib.ckernels_attention_block(x.data_ptr(), lean.pointers, lean.eps, cos.data_ptr(), sin.data_ptr(),
+                                      keys.data_ptr(), values.data_ptr(), keys.stride(1), positions,
+                                      SCALE_KINDS[x.dtype], x.numel(), lean.heads, lean.kv_heads, lean.head_dim,
+                                      lean.scaling, out.data_ptr(), torch.get_num_threads()))
 
 
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")  # ckernels_kquant_matvec's `bits`: the digit

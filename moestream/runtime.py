@@ -107,12 +107,47 @@ def _expert_output(self, src: LayerSource, record: torch.Tensor, x: torch.Tensor
 def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group: list[int]) -> None:
     """Guess the next MoE layer's experts by applying its router to this layer's input, and start
     their reads now, behind this layer's own (a guess only loads records; it cannot change results).
-    Best guesses first (each token's first choices, then its second, ...): the cache may take only some."""
+    Best guesses first (each token's first choices, then its second, ...): the cache may take only some.
+    Only with --prefetch lookahead, or auto while the next layer's cache mostly misses on its own."""
+    if src.lookahead is None or (
+            src.auto and src.cache.organic.get(src.lookahead[0].layer, 0.0) >= AUTO_PREFETCH_BELOW):
+        return
     info, weight = src.lookahead
     with torch.no_grad():
-        guess = torch.topk(hidden_states.to(weight.dtype) @ weight.T, k, dim=-1).indices
+        x = hidden_states.to(weight.dtype)
+        logits = ckernels.dense_matvec(x, weight) if x.shape[0] == 1 and x.device.type == "cpu" else None
+        # one CPU token: the C matvec (~15 us against ~200 for torch's bf16 matmul here)
+        guess = torch.topk(x @ weight.T if logits is None else logits, k, dim=-1).indices
     order = list(dict.fromkeys(guess.T.flatten().tolist()))
     src.cache.prefetch(info, order, keep=[(src.info.layer, e) for e in group])
+
+
+def _experts_one(src: LayerSource, x: torch.Tensor, chosen: list[int], weights: torch.Tensor,
+                 final: torch.Tensor) -> None:
+    """One token x [1, hidden] through its `chosen` experts straight from their records' bytes (src.layout), each
+    output times its routing weight (`weights` [k], in chosen's order) added into final [hidden] in ascending
+    expert order: the same sums as transformers' eager loop. Hits are computed in one call shared out among
+    the threads, then each miss as its read lands."""
+    slot = {e: i for i, e in enumerate(chosen)}
+    x32 = x.to(torch.float32).view(-1)
+    groups = request_groups(chosen, src.info.experts, src.cache.capacity(src.info),
+                            src.cache.pinned.get(src.info.layer, ()))
+    for i, group in enumerate(groups):
+        fetch = src.cache.fetch(src.info, group)
+        if i == 0:
+            _prefetch_next(src, x, len(chosen), group)
+        row = {e: j for j, e in enumerate(group)}
+        ys = torch.empty(len(group), x32.shape[0])
+        if fetch.ready:
+            ckernels.record_mlp(list(fetch.ready.values()), src.layout, x32, [ys[row[e]] for e in fetch.ready],
+                                src.int8)
+        for e, record in fetch.arrivals():
+            ckernels.record_mlp([record], src.layout, x32, [ys[row[e]]], src.int8)
+        slots = [slot[e] for e in group]
+        if not ckernels.weighted_sum(ys, slots, weights, final):
+            ys = ys.to(final.dtype) * weights[slots, None]
+            for j in range(len(group)):  # ascending expert order
+                final += ys[j]
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -127,6 +162,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if src.recorder is not None:
         src.recorder.record(src.info.layer, top_k_index, top_k_weights)
     one = hidden_states.shape[0] == 1  # one token (decode): it is every chosen expert's only token
+    if one and src.layout is not None:
+        _experts_one(src, hidden_states, top_k_index[0].tolist(), top_k_weights[0], final.view(-1))
+        return final
     if one:
         slot = {e: i for i, e in enumerate(top_k_index[0].tolist())}
         every = torch.zeros(1, dtype=torch.long)
@@ -145,24 +183,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                             src.cache.pinned.get(src.info.layer, ()))
     for i, group in enumerate(groups):
         fetch = src.cache.fetch(src.info, group)
-        if i == 0 and src.lookahead is not None and (
-                not src.auto or src.cache.organic.get(src.lookahead[0].layer, 0.0) < AUTO_PREFETCH_BELOW):
+        if i == 0:
             _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.
-        if one and src.layout is not None:  # straight from the records' bytes; the same sums as the loop below
-            x32, row = hidden_states.to(torch.float32).view(-1), {e: j for j, e in enumerate(group)}
-            ys = torch.empty(len(group), x32.shape[0])
-            if fetch.ready:  # the hits in one call, shared out among the threads
-                ckernels.record_mlp(list(fetch.ready.values()), src.layout, x32, [ys[row[e]] for e in fetch.ready],
-                                    src.int8)
-            for e, record in fetch.arrivals():
-                ckernels.record_mlp([record], src.layout, x32, [ys[row[e]]], src.int8)
-            slots = [slot[e] for e in group]
-            if not ckernels.weighted_sum(ys, slots, top_k_weights[0], final.view(-1)):
-                ys = ys.to(hidden_states.dtype) * top_k_weights[0, slots, None]
-                for j in range(len(group)):  # ascending expert order
-                    final += ys[j]
-            continue
         outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e, record in itertools.chain(fetch.ready.items(), fetch.arrivals()):
             tok, x, scale = routed(e)
@@ -460,12 +483,17 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
         ahead = None
         if prefetch != "none" and i + 1 < len(names):
             if routers[names[i + 1]] is not None:
-                ahead = (layers[names[i + 1]], model.get_submodule(routers[names[i + 1]]).weight)
+                weight = model.get_submodule(routers[names[i + 1]]).weight
+                ahead = (layers[names[i + 1]], torch.Tensor.as_subclass(weight, torch.Tensor))  # no MatvecWeight
             elif prefetch == "lookahead":  # auto guesses where it can
                 raise StoreError(f"--prefetch lookahead: no router found beside {names[i + 1]}")
         experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead,
                                                _silu_gated(experts[name]), layouts[name], activations == "int8",
                                                prefetch == "auto")
+    if matvec:
+        from .decode import use_lean_decode  # decode builds on this module's experts_forward
+
+        use_lean_decode(model, context)
     model.eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(store.root)

@@ -1,0 +1,93 @@
+"""decode.py's one-token layer forward: the same bits as transformers' modules with moestream's kernels."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import moestream
+from moestream import ckernels
+from moestream.convert import convert
+from moestream.decode import lean_forward
+
+pytestmark = pytest.mark.skipif(not ckernels.available(), reason="the C kernels need an AVX-512 CPU")
+
+
+@pytest.fixture(scope="module")
+def bf16_store(tmp_path_factory, tokenizer):
+    """A bf16 Qwen3-MoE with int4 experts (groups of 32): the make-up the lean forward takes. Layer 1 is a
+    dense MLP layer."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=320, hidden_size=128, intermediate_size=96, moe_intermediate_size=64,
+                            num_hidden_layers=3, mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=32, num_experts=8, num_experts_per_tok=2, initializer_range=0.2,
+                            tie_word_embeddings=False, eos_token_id=0)
+    path = tmp_path_factory.mktemp("lean")
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(path / "ckpt")
+    tokenizer.save_pretrained(path / "ckpt")
+    return convert(str(path / "ckpt"), path / "store", experts="int4", progress=False)
+
+
+def decode_logits(model, prompt: list[int], steps: int, lean: list[bool]) -> torch.Tensor:
+    """Greedy decode logits, step i through lean_forward where lean[i] (else the layers' own forward)."""
+    layers = model.model.layers
+    past = DynamicCache(config=model.config)
+    out = []
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt]), cache=past, use_cache=True).logits[0, -1]
+        for i in range(steps):
+            for layer in layers:
+                if lean[i]:
+                    layer.forward = types.MethodType(lean_forward, layer)
+                elif "forward" in layer.__dict__:
+                    del layer.forward
+            logits = model(input_ids=torch.tensor([[int(logits.argmax())]]), cache=past, use_cache=True).logits[0, -1]
+            out.append(logits.float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("prompt", [[7], [5, 17, 42, 99, 7, 250, 3, 61]])
+def test_lean_decode_gives_the_modules_bits(bf16_store, prompt):
+    """Every layer (the two MoE ones and the dense MLP one) takes the lean forward; its logits are those of the
+    modules' path bit for bit, with KV buffers smaller than the run (context 4: grown by doubling), a one-token
+    prompt (the first step's cache is empty: the modules' forward), and steps through the modules in between
+    (their concatenations copied back into buffers)."""
+    with moestream.load(bf16_store, cache="1GB", context=4, progress=False, prefetch="none") as m:
+        assert all(hasattr(layer, "_moestream_lean") for layer in m.model.model.layers)
+        steps = 10
+        want = decode_logits(m.model, prompt, steps, [False] * steps)
+        got = decode_logits(m.model, prompt, steps, [True] * steps)
+        mixed = decode_logits(m.model, prompt, steps, [i % 3 != 1 for i in range(steps)])
+    assert torch.equal(got, want)
+    assert torch.equal(mixed, want)
+
+
+def test_lean_decode_keeps_kv_in_place_and_transformers_sees_a_dynamic_cache(bf16_store):
+    """After a lean step the cache layer's keys are a view of its buffer holding every position, and the
+    cache's length counts the new token."""
+    with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="none") as m:
+        past = DynamicCache(config=m.model.config)
+        with torch.inference_mode():
+            m.model(input_ids=torch.tensor([[5, 17, 42]]), cache=past, use_cache=True)
+            m.model(input_ids=torch.tensor([[9]]), cache=past, use_cache=True)
+            first = past.layers[0].keys.data_ptr()
+            m.model(input_ids=torch.tensor([[11]]), cache=past, use_cache=True)
+        layer = past.layers[0]
+        assert past.get_seq_length() == 5 and layer.keys.shape[2] == 5
+        assert layer.keys.data_ptr() == first == layer._moestream_kv[0].data_ptr()  # written in place
+        assert layer._moestream_kv[0].shape[2] == 64
+
+
+def test_router_logits_asked_for_go_through_the_modules(bf16_store):
+    """A forward that asks for router logits gets them (the modules' path records them), lean layers or not."""
+    with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="none") as m:
+        past = DynamicCache(config=m.model.config)
+        with torch.inference_mode():
+            m.model(input_ids=torch.tensor([[5, 17, 42]]), cache=past, use_cache=True)
+            out = m.model(input_ids=torch.tensor([[9]]), cache=past, use_cache=True, output_router_logits=True)
+        assert out.router_logits is not None and len(out.router_logits) == 2
