@@ -196,9 +196,10 @@ class ExpertCache:
             )
         c = self.counters(info.layer)
         pinned = {(info.layer, e) for e in experts}
+        self._settle()
         for key in [k for k in self.inflight if k[0] == info.layer and k not in pinned]:
             if self.inflight[key].cancel():  # a wrong guess whose read has not started: it would delay ours
-                self._drop(info, key[1], self.entries[key])
+                self._drop(key, self.entries[key])
                 c.prefetched -= 1
                 c.prefetch_cancelled += 1
                 c.bytes_read -= info.record_bytes
@@ -235,6 +236,7 @@ class ExpertCache:
         """Start reading guessed experts of a coming layer; never evicts `keep` or other reads in flight.
         Prefetch only loads records: results cannot change, only where time goes."""
         c = self.counters(info.layer)
+        self._settle()
         if self.layer_budget is not None:  # a layer's share: other layers' records and reads take none of it
             room = self.capacity(info) - sum(not f.done() for k, f in self.inflight.items() if k[0] == info.layer)
         else:
@@ -277,14 +279,22 @@ class ExpertCache:
         for layer, e in keys:
             self.pinned.setdefault(layer, set()).add(e)
 
-    def _drop(self, info: LayerInfo, e: int, buf) -> None:
-        key = (info.layer, e)
+    def _settle(self) -> None:
+        """Forget the guesses whose reads have ended: their records stay (still unused_prefetch until asked for);
+        a failed one is dropped, so the request that wants it reads it again and meets the error itself. Without
+        this every wrong guess stayed in `inflight`, which fetch and _buffer_for scan on every call."""
+        for key in [k for k, f in self.inflight.items() if f.done()]:
+            fut = self.inflight.pop(key)
+            if fut.cancelled() or fut.exception() is not None:
+                self._drop(key, self.entries[key])
+
+    def _drop(self, key: Key, buf) -> None:
         if self.entries.pop(key, None) is not None:
             self.policy.remove(key)
             self.unused_prefetch.discard(key)
             self.inflight.pop(key, None)
             self.used -= buf.nbytes
-            self.layer_used[info.layer] -= buf.nbytes
+            self.layer_used[key[0]] -= buf.nbytes
             self._release(buf)
 
     def _release(self, buf: AlignedBuffer) -> None:
@@ -329,7 +339,7 @@ class Fetch:
                     try:
                         seconds = fut.result()
                     except BaseException:
-                        self.cache._drop(self.info, e, buf)
+                        self.cache._drop((self.info.layer, e), buf)
                         raise
                     if ours:  # a prefetched read was counted when the prefetcher started it
                         c.read_seconds += seconds
@@ -338,5 +348,5 @@ class Fetch:
         finally:
             for fut, (e, buf, _) in self.pending.items():
                 fut.cancel()
-                self.cache._drop(self.info, e, buf)
+                self.cache._drop((self.info.layer, e), buf)
             self.pending.clear()

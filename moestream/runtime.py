@@ -136,13 +136,12 @@ def _experts_one(src: LayerSource, x: torch.Tensor, chosen: list[int], weights: 
         fetch = src.cache.fetch(src.info, group)
         if i == 0:
             _prefetch_next(src, x, len(chosen), group)
-        row = {e: j for j, e in enumerate(group)}
         ys = torch.empty(len(group), x32.shape[0])
+        out = dict(zip(group, ys.unbind(0)))  # each expert's row of ys
         if fetch.ready:
-            ckernels.record_mlp(list(fetch.ready.values()), src.layout, x32, [ys[row[e]] for e in fetch.ready],
-                                src.int8)
+            ckernels.record_mlp(list(fetch.ready.values()), src.layout, x32, [out[e] for e in fetch.ready], src.int8)
         for e, record in fetch.arrivals():
-            ckernels.record_mlp([record], src.layout, x32, [ys[row[e]]], src.int8)
+            ckernels.record_mlp([record], src.layout, x32, [out[e]], src.int8)
         slots = [slot[e] for e in group]
         if not ckernels.weighted_sum(ys, slots, weights, final):
             ys = ys.to(final.dtype) * weights[slots, None]
