@@ -260,6 +260,22 @@ def test_prefetch_only_loads(qwen3_store, monkeypatch):
     assert runs["none"][2].prefetched == 0
 
 
+def test_landed_guesses_leave_the_in_flight_list(qwen3_store):
+    """A guess whose read has ended is forgotten by the next request while its record stays cached; before, every
+    wrong guess stayed in `inflight` for good (in a cache with room to spare nothing evicted them) and each
+    request scanned them all."""
+    from concurrent.futures import wait
+
+    with moestream.load(qwen3_store, cache=expert_bytes(qwen3_store), device="cpu", prefetch="lookahead") as m:
+        for _ in m.stream_ids(PROMPT, max_new_tokens=12, stop_at_eos=False):
+            pass
+        wait(list(m.cache.inflight.values()))
+        m.cache.get(m.store.layers[0], [0])
+        assert m.cache.unused_prefetch  # wrong guesses, read and kept
+        assert m.cache.inflight == {}
+        assert all(k in m.cache.entries for k in m.cache.unused_prefetch)
+
+
 def test_prefetched_corrupt_record_is_still_caught(qwen3_store, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(qwen3_store, bad)
