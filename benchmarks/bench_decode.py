@@ -383,13 +383,16 @@ def table(result: dict) -> list[str]:
              f"SSD probe (O_DIRECT, record size, depth 8) at the start: "
              f"{result['ssd_probe']['peak_bandwidth'] / 1e9:.2f} GB/s; each capped row's I/O ceiling divides by the "
              f"mean of probes just before and after its moestream runs (shown in the cap column). Disk busy: share of "
-             f"decode time with at least one expert read in flight. "
+             f"decode time with at least one expert read in flight. Of both ceilings: the share of the lower of "
+             f"that I/O ceiling and the same activations' resident speed in this run (a decode is bound by the "
+             f"disk or by the compute, whichever is slower). "
              f"Fresh memory just after dropping the page cache (1 GiB populated): "
              f"{result.get('fresh_memory_gbps', float('nan')):.2f} GB/s. "
              f"Command: `{result['command']}`.", "",
              "| cap | engine | decode tok/s | × llama.cpp best | MB read / token | hit rate | I/O ceiling tok/s "
-             "(share) | disk busy | load s | TTFT s | peak RSS | cgroup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(share) | of both ceilings | disk busy | load s | TTFT s | peak RSS | cgroup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    resident = next((r["moestream"] for r in result["rows"] if r["cap_bytes"] is None), {})
     for row in result["rows"]:
         ll = row["llama"]
         cap = row["cap"] + (" (SSD {:.2f} / {:.2f} GB/s)".format(*row["ssd_probe_gbps"]) if "ssd_probe_gbps" in row
@@ -401,23 +404,26 @@ def table(result: dict) -> list[str]:
             engine = ("moestream" + ("" if activations == "float" else f", {activations} activations (lossy)")
                       + (f", {pf} prefetch" if pf else ""))
             if "error" in m:
-                lines.append(f"| {cap} | {engine} | error: {m['error'][-120:]!r} | | | | | | | | | |")
+                lines.append(f"| {cap} | {engine} | error: {m['error'][-120:]!r} | | | | | | | | | | |")
                 continue
             ceiling = (f"{m['io_ceiling_tps']:.2f} ({100 * m['share_of_io_ceiling']:.0f} %)"
                        if "io_ceiling_tps" in m else "—")
+            compute = resident.get(activations, {}).get("decode_tps")
+            both = (f"{100 * m['decode_tps'] / min(compute, m['io_ceiling_tps']):.0f} %"
+                    if compute and "io_ceiling_tps" in m else "—")
             busy = f"{100 * m['decode_disk_busy_share']:.0f} %" if "decode_disk_busy_share" in m else "—"
             lines.append(f"| {cap} | {engine} | {m['decode_tps']:.2f} | {ratio(m['decode_tps'])} | "
                          f"{m['decode_bytes_per_token'] / 1e6:.1f} | {100 * m['hit_rate']:.0f} % | {ceiling} | "
-                         f"{busy} | "
+                         f"{both} | {busy} | "
                          f"{m.get('load_seconds', float('nan')):.2f} | {m['ttft_seconds']:.2f} | "
                          f"{m['peak_rss'] / 2**30:.2f} GiB | {m['cgroup'] or 'none'} |")
         for ra, r in ll.items():
             label = f"llama.cpp, read-ahead {ra} KiB" if row["cap_bytes"] else "llama.cpp (warm page cache)"
             if "error" in r:
-                lines.append(f"| {cap} | {label} | error: {r['error'][-120:]!r} | | | | | | | | | |")
+                lines.append(f"| {cap} | {label} | error: {r['error'][-120:]!r} | | | | | | | | | | |")
                 continue
             lines.append(f"| {cap} | {label} | {r['decode_tps']:.2f} | {ratio(r['decode_tps'])} | "
-                         f"{r['decode_bytes_per_token'] / 1e6:.1f} | — | — | — | {r['load_seconds']:.2f} | "
+                         f"{r['decode_bytes_per_token'] / 1e6:.1f} | — | — | — | — | {r['load_seconds']:.2f} | "
                          f"{r['ttft_seconds']:.2f} | "
                          f"{r['peak_rss'] / 2**30:.2f} GiB | {r['cgroup'] or 'none'} |")
     return lines

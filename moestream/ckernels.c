@@ -511,15 +511,17 @@ int ckernels_experts_one(const uintptr_t *parts, int n, int gkind, int ggroup, i
     } else {
         split(x, hidden, (float *)buf, (float *)buf + hidden / 2);
     }
-    if (n == 1) {
-#pragma omp parallel num_threads(threads)
-        expert_one(parts, gkind, ggroup, dkind, dgroup, hidden, inter, lut, int8, buf, buf + shared);
-    } else {
+    const int whole = threads > 1 ? n - n % threads : n;  /* the rest: each expert's rows shared out */
+    if (whole) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int e = 0; e < n; e++) {
+        for (int e = 0; e < whole; e++) {
 #pragma omp parallel num_threads(1)
             expert_one(parts + 5 * e, gkind, ggroup, dkind, dgroup, hidden, inter, lut, int8, buf, buf + shared + e * per);
         }
+    }
+    for (int e = whole; e < n; e++) {
+#pragma omp parallel num_threads(threads)
+        expert_one(parts + 5 * e, gkind, ggroup, dkind, dgroup, hidden, inter, lut, int8, buf, buf + shared + e * per);
     }
     free(buf);
     return 0;
@@ -642,10 +644,14 @@ int ckernels_rms_norm(const void *x, const void *w, void *out, int kind, int row
  * rope(norm_k(k)), v)) for q, k, v the projections of rms_norm(x), every step the kernel above that does it alone
  * with the same roundings (each rounded to the dtype where transformers rounds it). The new key and value (position
  * T) are written into the caches kc, vc [hkv heads x capacity x d] (head stride hs elements, token stride d), which
- * hold positions 0..T-1 already. w: input norm, q, k, v, o, q-norm, k-norm weights, then cos, sin [d] (all kind). */
+ * hold positions 0..T-1 already. Then what the layer's MLP starts with: normed = post_norm(out), and where w[8] is
+ * a router [experts x hidden], its logits (rounded, as F.linear gives them), and where next_router is not NULL,
+ * next_logits = next_router normed in float32 (the next layer's guess: runtime._prefetch_next). w: input norm, q,
+ * k, v, o, q-norm, k-norm, post norm, router (all kind); eps: input, q, k, post; cos, sin [d] (kind). */
 int ckernels_attention_block(const void *x, const uint16_t *const *w, const float *eps, const void *cos,
                              const void *sin, void *kc, void *vc, long hs, int T, int kind, int hidden, int hq,
-                             int hkv, int d, float scale, void *out, int threads) {
+                             int hkv, int d, float scale, int experts, const uint16_t *next_router, int next_experts,
+                             void *out, void *normed, void *logits, float *next_logits, int threads) {
     const int size = kind == SCALE_F32 ? 4 : 2;
     char *buf = malloc((size_t)size * (hidden + 2 * hq * d + 2 * hkv * d));
     if (!buf) return -1;
@@ -670,6 +676,10 @@ int ckernels_attention_block(const void *x, const uint16_t *const *w, const floa
         const int n = hidden - i < 16 ? hidden - i : 16;
         store_vec(out, i, _mm512_add_ps(load_floats(x, kind, i, n), load_floats(h, kind, i, n)), kind, n);
     }
+    rc |= ckernels_rms_norm(out, w[7], normed, kind, 1, hidden, eps[3]);
+    if (w[8]) rc |= ckernels_dense_matvec(w[8], kind, experts, hidden, normed, logits, kind, threads);
+    if (next_router)
+        rc |= ckernels_dense_matvec(next_router, kind, next_experts, hidden, normed, next_logits, SCALE_F32, threads);
     free(buf);
     return rc ? -1 : 0;
 }

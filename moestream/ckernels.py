@@ -111,7 +111,7 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_weighted_sum.argtypes = [p, p, i, i, p, p, i]
     lib.ckernels_rms_norm.argtypes = [p, p, p, i, i, i, ctypes.c_float]
     lib.ckernels_attention_block.argtypes = [p, p, p, p, p, p, p, ctypes.c_long, i, i, i, i, i, i, ctypes.c_float,
-                                             p, i]
+                                             i, p, i, p, p, p, p, i]
     lib.ckernels_attention_block.restype = i
     _lib = lib
     return lib
@@ -209,14 +209,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def attention_block(lean, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                    values: torch.Tensor, positions: int, out: torch.Tensor) -> None:
+                    values: torch.Tensor, positions: int, out: torch.Tensor, normed: torch.Tensor,
+                    logits: torch.Tensor | None, next_router: torch.Tensor | None,
+                    next_logits: torch.Tensor | None) -> None:
     """One decode token x [hidden] (half precision, contiguous) through a decoder layer's attention block and
-    residual into out [hidden]: decode.LeanLayer `lean` gives the weights; keys, values [1, kv heads, capacity,
-    head dim] hold `positions` positions, and take the new one at index `positions`; cos, sin [head dim]."""
-    _ok(_lib.ckernels_attention_block(x.data_ptr(), lean.pointers, lean.eps, cos.data_ptr(), sin.data_ptr(),
-                                      keys.data_ptr(), values.data_ptr(), keys.stride(1), positions,
-                                      SCALE_KINDS[x.dtype], x.numel(), lean.heads, lean.kv_heads, lean.head_dim,
-                                      lean.scaling, out.data_ptr(), torch.get_num_threads()))
+    residual into out [hidden], then its post-attention norm into normed [hidden] and, for a sparse layer, its
+    router's logits into logits [experts] (x's dtype); with next_router [experts, hidden], the next layer's router
+    applied to normed into next_logits [experts] float32 (a guess). decode.LeanLayer `lean` gives the weights;
+    keys, values [1, kv heads, capacity, head dim] hold `positions` positions and take the new one at index
+    `positions`; cos, sin [head dim]."""
+    _ok(_lib.ckernels_attention_block(
+        x.data_ptr(), lean.pointers, lean.eps, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        keys.stride(1), positions, SCALE_KINDS[x.dtype], x.numel(), lean.heads, lean.kv_heads, lean.head_dim,
+        lean.scaling, 0 if logits is None else logits.numel(), None if next_router is None else next_router.data_ptr(),
+        0 if next_router is None else next_router.shape[0], out.data_ptr(), normed.data_ptr(),
+        None if logits is None else logits.data_ptr(), None if next_logits is None else next_logits.data_ptr(),
+        torch.get_num_threads()))
 
 
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")  # ckernels_kquant_matvec's `bits`: the digit

@@ -4,8 +4,10 @@ A resident decode token of bench_decode's model spent ~19 of its ~80 ms around t
 calls, kwargs decorators, views and transposes, the rotary embedding as eight torch ops, one_token_linear's casts
 (~770 us a layer, benchmarks/RESULTS.md). `use_lean_decode` gives each decoder layer whose make-up it knows a
 forward that, for one token on the CPU, runs the same arithmetic with the same roundings (every intermediate
-rounded to the model's dtype where transformers rounds it) in a dozen kernel calls; any other input (prefill, a
-batch, a mask it does not take) goes to the layer's own forward.
+rounded to the model's dtype where transformers rounds it): the attention block in one C call
+(ckernels_attention_block, its keys and values written in place into buffers the cache layer's tensors view),
+then the router in torch's ops and runtime.experts_forward directly. Any other input (prefill, a batch, a mask,
+router logits asked for, a cache layer other than DynamicLayer) goes to the layer's own forward.
 
 Known: Qwen3-MoE's decoder layer (attention with per-head q/k RMSNorm and rotate-half rotary; a top-k softmax
 router over moestream's experts, or a dense SiLU MLP).
@@ -22,7 +24,7 @@ import torch
 from . import ckernels
 from .attention import NAME as FAST_ATTENTION
 from .kernels import MatvecLinear, _c_rms_norm
-from .runtime import experts_forward
+from .runtime import experts_forward, guessing
 
 LAYERS = ("Qwen3MoeDecoderLayer",)  # decoder layer classes whose forward lean_forward reproduces
 ATTENTION = ("Qwen3MoeAttention",)
@@ -35,17 +37,16 @@ DENSE_MLPS = ("Qwen3MoeMLP",)
 class LeanLayer:
     """What lean_forward reads from one decoder layer, gathered once."""
 
-    weights: list[torch.Tensor]  # input norm, q, k, v, o, q-norm, k-norm: the attention block's (kept alive)
-    pointers: ctypes.Array  # their addresses, as ckernels_attention_block takes them
-    eps: ctypes.Array  # input norm, q-norm, k-norm
-    post_norm: tuple[torch.Tensor, float]
+    weights: list[torch.Tensor]  # input norm, q, k, v, o, q-norm, k-norm, post norm[, router]: kept alive
+    pointers: ctypes.Array  # their addresses (the router's None in a dense layer), as ckernels_attention_block reads
+    eps: ctypes.Array  # input norm, q-norm, k-norm, post norm
     heads: int
     kv_heads: int
     head_dim: int
     scaling: float
     layer_idx: int
     context: int  # positions the KV buffers hold (load's --context), grown by doubling past it
-    router: tuple[torch.Tensor, int, bool] | None  # weight, top k, normalise the top k: a sparse block
+    router: tuple[int, int, bool] | None  # experts, top k, normalise the top k: a sparse block
     experts: torch.nn.Module | None  # its forward is runtime.experts_forward
     mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down: a dense SiLU MLP
 
@@ -85,19 +86,21 @@ def plan_layer(layer: torch.nn.Module, config, context: int) -> LeanLayer | None
         if (type(gate).__name__ not in ROUTERS or src is None or src.layout is None
                 or not isinstance(getattr(gate, "weight", None), torch.Tensor)):
             return None
-        router = (torch.Tensor.as_subclass(gate.weight, torch.Tensor), gate.top_k, bool(gate.norm_topk_prob))
+        router = (gate.weight.shape[0], gate.top_k, bool(gate.norm_topk_prob))
     elif type(mlp).__name__ in DENSE_MLPS and _plain(mlp.gate_proj, mlp.up_proj, mlp.down_proj) and (
             type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")):
         dense = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
     else:
         return None
-    weights = [n1[0], attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, qn[0], kn[0]]
-    weights = [torch.Tensor.as_subclass(w, torch.Tensor) for w in weights]
-    if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in (torch.bfloat16, torch.float16):
+    weights = [n1[0], attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, qn[0], kn[0],
+               n2[0], *([mlp.gate.weight] if router else [])]
+    weights = [torch.Tensor.as_subclass(w, torch.Tensor) for w in weights]  # a MatvecWeight router: a plain view
+    if (len({w.dtype for w in weights}) != 1 or weights[0].dtype not in (torch.bfloat16, torch.float16)
+            or not all(w.is_contiguous() for w in weights)):
         return None
-    return LeanLayer(weights, (ctypes.c_void_p * 7)(*[w.data_ptr() for w in weights]),
-                     (ctypes.c_float * 3)(n1[1], qn[1], kn[1]), n2, heads, kv_heads, head_dim, float(attn.scaling),
-                     attn.layer_idx, context, router, experts, dense)
+    return LeanLayer(weights, (ctypes.c_void_p * 9)(*[w.data_ptr() for w in weights], *([] if router else [None])),
+                     (ctypes.c_float * 4)(n1[1], qn[1], kn[1], n2[1]), heads, kv_heads, head_dim,
+                     float(attn.scaling), attn.layer_idx, context, router, experts, dense)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -141,23 +144,29 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     positions = layer.keys.shape[2]
     keys, values = _kv_buffers(layer, lean, positions)
     x = hidden_states.contiguous().view(-1)
-    cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty_like(x)
-    ckernels.attention_block(lean, x, cos, sin, keys, values, positions, out)
-    layer.keys, layer.values = keys[:, :, :positions + 1], values[:, :, :positions + 1]
-    x = out
-    h = ckernels.rms_norm(x, *lean.post_norm)
+    out, h = torch.empty_like(x), torch.empty_like(x)
+    logits = ahead = guess = None
     if lean.router is not None:
-        weight, k, normalise = lean.router
-        probs = torch.softmax(_linear(h, weight), -1, dtype=torch.float32)
+        src = lean.experts._moestream
+        logits = torch.empty(1, lean.router[0], dtype=x.dtype)
+        if guessing(src) and src.lookahead[1].dtype == x.dtype and src.lookahead[1].is_contiguous():
+            ahead = src.lookahead[1]  # the next layer's router on this layer's normed input, in the same call
+            guess = torch.empty(1, ahead.shape[0])
+    ckernels.attention_block(lean, x, cos.contiguous(), sin.contiguous(), keys, values, positions, out, h, logits,
+                             ahead, guess)
+    layer.keys, layer.values = keys[:, :, :positions + 1], values[:, :, :positions + 1]
+    if lean.router is not None:
+        _, k, normalise = lean.router
+        probs = torch.softmax(logits, -1, dtype=torch.float32)
         top, index = torch.topk(probs, k, dim=-1)
         if normalise:
             top /= top.sum(dim=-1, keepdim=True)
+        src.guess = guess
         y = experts_forward(lean.experts, h.view(1, -1), index, top.to(x.dtype))
     else:
         gate, up, down = lean.mlp
         y = _linear((torch.nn.functional.silu(_linear(h, gate)) * _linear(h, up)).view(-1), down)
-    return (x + y.view(-1)).view(1, 1, -1)
+    return (out + y.view(-1)).view(1, 1, -1)
 
 
 def use_lean_decode(model: torch.nn.Module, context: int) -> int:

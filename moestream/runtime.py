@@ -59,6 +59,15 @@ class LayerSource:
     layout: ckernels.ExpertLayout | None = None  # one token's experts computed straight from record bytes
     int8: bool = False  # ... with int8 activations (load(activations="int8"): opt-in, lossy)
     auto: bool = False  # --prefetch auto: guess only while the next layer's cache mostly misses on its own
+    guess: torch.Tensor | None = None  # the next layer's router logits for this token, when its caller computed
+    # them already (decode.lean_forward, beside this layer's own): taken by _prefetch_next
+
+
+def guessing(src: LayerSource) -> bool:
+    """Whether this layer guesses the next one's experts: --prefetch lookahead, or auto while the next layer's
+    cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent requests."""
+    return src.lookahead is not None and not (
+        src.auto and src.cache.organic.get(src.lookahead[0].layer, 0.0) >= AUTO_PREFETCH_BELOW)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | GroupedWeight | KQuantWeight, b: torch.Tensor | None,
@@ -107,17 +116,18 @@ def _expert_output(self, src: LayerSource, record: torch.Tensor, x: torch.Tensor
 def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group: list[int]) -> None:
     """Guess the next MoE layer's experts by applying its router to this layer's input, and start
     their reads now, behind this layer's own (a guess only loads records; it cannot change results).
-    Best guesses first (each token's first choices, then its second, ...): the cache may take only some.
-    Only with --prefetch lookahead, or auto while the next layer's cache mostly misses on its own."""
-    if src.lookahead is None or (
-            src.auto and src.cache.organic.get(src.lookahead[0].layer, 0.0) >= AUTO_PREFETCH_BELOW):
+    Best guesses first (each token's first choices, then its second, ...): the cache may take only some."""
+    logits, src.guess = src.guess, None
+    if not guessing(src):
         return
     info, weight = src.lookahead
     with torch.no_grad():
-        x = hidden_states.to(weight.dtype)
-        logits = ckernels.dense_matvec(x, weight) if x.shape[0] == 1 and x.device.type == "cpu" else None
-        # one CPU token: the C matvec (~15 us against ~200 for torch's bf16 matmul here)
-        guess = torch.topk(x @ weight.T if logits is None else logits, k, dim=-1).indices
+        if logits is None:
+            x = hidden_states.to(weight.dtype)
+            # one CPU token: the C matvec (~15 us against ~200 for torch's bf16 matmul here)
+            logits = ckernels.dense_matvec(x, weight) if x.shape[0] == 1 and x.device.type == "cpu" else None
+            logits = x @ weight.T if logits is None else logits
+        guess = torch.topk(logits, k, dim=-1).indices
     order = list(dict.fromkeys(guess.T.flatten().tolist()))
     src.cache.prefetch(info, order, keep=[(src.info.layer, e) for e in group])
 

@@ -67,6 +67,25 @@ def test_lean_decode_gives_the_modules_bits(bf16_store, prompt):
     assert torch.equal(mixed, want)
 
 
+def test_lean_decode_guesses_what_the_modules_path_guesses(bf16_store, monkeypatch):
+    """With lookahead, the next layer's router logits come out of the attention block's call; the guesses (experts
+    and their order) are those the modules' path computes separately, and the logits the same bits."""
+    from moestream.cache import ExpertCache
+
+    guesses = []
+    real = ExpertCache.prefetch
+    monkeypatch.setattr(ExpertCache, "prefetch", lambda self, info, experts, keep: guesses.append(
+        (info.layer, list(experts))) or real(self, info, experts, keep))
+    with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="lookahead") as m:
+        runs = []
+        for lean in (False, True):
+            guesses.clear()
+            logits = decode_logits(m.model, [5, 17, 42], 6, [lean] * 6)
+            runs.append((logits, list(guesses)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and len(runs[0][1]) > 6
+
+
 def test_lean_decode_keeps_kv_in_place_and_transformers_sees_a_dynamic_cache(bf16_store):
     """After a lean step the cache layer's keys are a view of its buffer holding every position, and the
     cache's length counts the new token."""
