@@ -5,9 +5,11 @@ calls, kwargs decorators, views and transposes, the rotary embedding as eight to
 (~770 us a layer, benchmarks/RESULTS.md). `use_lean_decode` gives each decoder layer whose make-up it knows a
 forward that, for one token on the CPU, runs the same arithmetic with the same roundings (every intermediate
 rounded to the model's dtype where transformers rounds it): the attention block in one C call
-(ckernels_attention_block, its keys and values written in place into buffers the cache layer's tensors view),
-then the router in torch's ops and runtime.experts_forward directly. Any other input (prefill, a batch, a mask,
-router logits asked for, a cache layer other than DynamicLayer) goes to the layer's own forward.
+(ckernels_attention_block: its keys and values written in place into buffers the cache layer's tensors view; the
+post-attention norm, the router's logits and, while guessing, the next layer's come out of the same call), then
+softmax and top-k in torch (torch.topk's choice among equal logits is kept) and runtime.experts_forward directly.
+Any other input (prefill, a batch, a mask, router logits asked for, a cache layer other than DynamicLayer) goes to
+the layer's own forward.
 
 Known: Qwen3-MoE's decoder layer (attention with per-head q/k RMSNorm and rotate-half rotary; a top-k softmax
 router over moestream's experts, or a dense SiLU MLP).

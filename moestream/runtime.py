@@ -227,7 +227,7 @@ def default_device() -> torch.device:
 
 # --prefetch auto guesses a layer's experts while the cache held, unguessed, fewer than this share of its recent
 # requests. bench_decode's model (benchmarks/RESULTS.md): lookahead paid at 2 GiB (38 % hits), cost 2-8 % at 3-6
-# GiB (78-82 %).
+# GiB (78-82 %); since guesses cost less (eighth session), level with none and auto at 6 GiB.
 AUTO_PREFETCH_BELOW = 0.6
 HUGE_DENSE_MIN = 1 << 20  # tensors this large or larger go into the huge-page region
 
