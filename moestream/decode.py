@@ -79,7 +79,8 @@ def plan_layer(layer: torch.nn.Module, config, context: int) -> LeanLayer | None
         return None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = attn.head_dim
-    if attn.q_proj.weight.shape[0] != heads * head_dim or attn.k_proj.weight.shape[0] != kv_heads * head_dim:
+    if (attn.q_proj.weight.shape[0] != heads * head_dim or attn.k_proj.weight.shape[0] != kv_heads * head_dim
+            or attn.v_proj.weight.shape[0] != kv_heads * head_dim):
         return None
     router = experts = dense = None
     if type(mlp).__name__ in SPARSE_BLOCKS:
@@ -97,8 +98,8 @@ def plan_layer(layer: torch.nn.Module, config, context: int) -> LeanLayer | None
     weights = [n1[0], attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, qn[0], kn[0],
                n2[0], *([mlp.gate.weight] if router else [])]
     weights = [torch.Tensor.as_subclass(w, torch.Tensor) for w in weights]  # a MatvecWeight router: a plain view
-    if (len({w.dtype for w in weights}) != 1 or weights[0].dtype not in (torch.bfloat16, torch.float16)
-            or not all(w.is_contiguous() for w in weights)):
+    if (len({w.dtype for w in [*weights, *(dense or ())]}) != 1
+            or weights[0].dtype not in (torch.bfloat16, torch.float16) or not all(w.is_contiguous() for w in weights)):
         return None
     return LeanLayer(weights, (ctypes.c_void_p * 9)(*[w.data_ptr() for w in weights], *([] if router else [None])),
                      (ctypes.c_float * 4)(n1[1], qn[1], kn[1], n2[1]), heads, kv_heads, head_dim,
@@ -139,6 +140,7 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
             or hidden_states.dtype != lean.weights[0].dtype
             or any(v is not None and v is not False for v in kwargs.values())  # e.g. router logits asked for
             or type(layer).__name__ != "DynamicLayer" or not layer.is_initialized or layer.keys.shape[0] != 1
+            or layer.keys.dtype != hidden_states.dtype
             or cos is None or cos.numel() != lean.head_dim or cos.dtype != hidden_states.dtype):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,

@@ -16,9 +16,8 @@ from moestream.decode import lean_forward
 pytestmark = pytest.mark.skipif(not ckernels.available(), reason="the C kernels need an AVX-512 CPU")
 
 
-@pytest.fixture(scope="module")
-def bf16_store(tmp_path_factory, tokenizer):
-    """A bf16 Qwen3-MoE with int4 experts (groups of 32): the make-up the lean forward takes. Layer 1 is a
+def half_store(tmp_path_factory, tokenizer, dtype: torch.dtype):
+    """A half-precision Qwen3-MoE with int4 experts (groups of 32): the make-up the lean forward takes. Layer 1 is a
     dense MLP layer."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -28,9 +27,14 @@ def bf16_store(tmp_path_factory, tokenizer):
                             head_dim=32, num_experts=8, num_experts_per_tok=2, initializer_range=0.2,
                             tie_word_embeddings=False, eos_token_id=0)
     path = tmp_path_factory.mktemp("lean")
-    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(path / "ckpt")
+    Qwen3MoeForCausalLM(config).to(dtype).save_pretrained(path / "ckpt")
     tokenizer.save_pretrained(path / "ckpt")
     return convert(str(path / "ckpt"), path / "store", experts="int4", progress=False)
+
+
+@pytest.fixture(scope="module")
+def bf16_store(tmp_path_factory, tokenizer):
+    return half_store(tmp_path_factory, tokenizer, torch.bfloat16)
 
 
 def decode_logits(model, prompt: list[int], steps: int, lean: list[bool]) -> torch.Tensor:
@@ -49,6 +53,23 @@ def decode_logits(model, prompt: list[int], steps: int, lean: list[bool]) -> tor
             logits = model(input_ids=torch.tensor([[int(logits.argmax())]]), cache=past, use_cache=True).logits[0, -1]
             out.append(logits.float())
     return torch.stack(out)
+
+
+def test_fp16_lean_decode_gives_the_modules_bits(tmp_path_factory, tokenizer):
+    """The same with float16 weights and activations (the kernels' other half-precision dtype)."""
+    store = half_store(tmp_path_factory, tokenizer, torch.float16)
+    with moestream.load(store, cache="1GB", context=4, progress=False, prefetch="none") as m:
+        assert m.model.dtype == torch.float16
+        assert all(hasattr(layer, "_moestream_lean") for layer in m.model.model.layers)
+        want = decode_logits(m.model, [5, 17, 42], 6, [False] * 6)
+        got = decode_logits(m.model, [5, 17, 42], 6, [True] * 6)
+    assert torch.equal(got, want)
+
+
+def test_layers_it_does_not_know_keep_their_forward(qwen3_store):
+    """A float32 store (the plain products, no half-precision matvec kernels): no layer is given the lean forward."""
+    with moestream.load(qwen3_store, cache="1GB", progress=False) as m:
+        assert not any(hasattr(layer, "_moestream_lean") for layer in m.model.model.layers)
 
 
 @pytest.mark.parametrize("prompt", [[7], [5, 17, 42, 99, 7, 250, 3, 61]])
