@@ -196,7 +196,8 @@ class ExpertCache:
             )
         c = self.counters(info.layer)
         pinned = {(info.layer, e) for e in experts}
-        self._settle()
+        if self.inflight:
+            self._settle()
         for key in [k for k in self.inflight if k[0] == info.layer and k not in pinned]:
             if self.inflight[key].cancel():  # a wrong guess whose read has not started: it would delay ours
                 self._drop(key, self.entries[key])

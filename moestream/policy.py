@@ -147,17 +147,22 @@ class Pinned(Policy):
         self.keys = set(keys)
         self.name = f"{inner.name}+pin"
 
+    # A pinned key is never a victim: the inner policy never sees it (its uses would order nothing, and a heap
+    # policy would step over every pinned key on each eviction).
     def access(self, key: Key, hit: bool) -> None:
-        self.inner.access(key, hit)
+        if key not in self.keys:
+            self.inner.access(key, hit)
 
     def insert(self, key: Key) -> None:
-        self.inner.insert(key)
+        if key not in self.keys:
+            self.inner.insert(key)
 
     def remove(self, key: Key) -> None:
-        self.inner.remove(key)
+        if key not in self.keys:
+            self.inner.remove(key)
 
     def victim(self, pinned: set[Key], layer: int | None = None) -> Key | None:
-        return self.inner.victim(pinned | self.keys, layer)
+        return self.inner.victim(pinned, layer)
 
 
 class PerLayer(Policy):

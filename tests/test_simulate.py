@@ -342,3 +342,21 @@ def test_heap_policy_stays_small_without_evictions(name):
         policy.access(k, True)
     assert len(policy.heap) <= 4 * len(keys) + 64
     assert policy.victim(set()) in keys  # still answers
+
+
+def test_pinned_keys_stay_out_of_the_inner_policy():
+    """Pinned keys never reach the inner policy: it orders only what it may evict (before, an LFU heap held every
+    pinned key and each eviction stepped over them)."""
+    from moestream.policy import LFU, Pinned
+
+    pinned = [(0, e) for e in range(6)]
+    policy = Pinned(LFU(), pinned)
+    for k in pinned + [(0, 6), (0, 7)]:
+        policy.insert(k)
+    for k in [(0, 6), (0, 7), (0, 7)] + pinned * 3:
+        policy.access(k, True)
+    assert set(policy.inner.resident) == {(0, 6), (0, 7)}
+    assert policy.victim(set()) == (0, 6)  # used once, against twice
+    policy.remove((0, 6))
+    policy.remove((0, 0))  # a pinned key dropped (its read failed): nothing to forget
+    assert policy.victim(set()) == (0, 7) and policy.victim({(0, 7)}) is None
