@@ -91,9 +91,9 @@ class ExpertCache:
     def reserve(self, infos: list[LayerInfo]) -> int:
         """Allocate the budget's record buffers now (slices of one huge_region), every page touched, when all
         layers' records have one size (else none); returns how many. A process's first touch of memory can cost
-        far more than reuse: here, just after the page cache was dropped, fresh pages came at 0.2-1.4 GB/s and reads into fresh
-        buffers slowed the compute beside them 3-5x; a 4 GiB run whose cache grew during decode ran at 2.7
-        tok/s against 3.9 at 2 GiB with recycled buffers (benchmarks/RESULTS.md). Paid once, at load."""
+        far more than reuse: here, just after the page cache was dropped, fresh pages came at 0.2-1.4 GB/s and
+        reads into fresh buffers slowed the compute beside them 3-5x; a 4 GiB run whose cache grew during decode
+        ran at 2.7 tok/s against 3.9 at 2 GiB with recycled buffers (benchmarks/RESULTS.md). Paid once, at load."""
         sizes = {i.record_bytes for i in infos}
         if len(sizes) != 1:
             return 0

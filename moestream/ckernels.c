@@ -652,7 +652,7 @@ int ckernels_attention_block(const void *x, const uint16_t *const *w, const floa
                              const void *sin, void *kc, void *vc, long hs, int T, int kind, int hidden, int hq,
                              int hkv, int d, float scale, int experts, const uint16_t *next_router, int next_experts,
                              void *out, void *normed, void *logits, float *next_logits, int threads) {
-    const int size = kind == SCALE_F32 ? 4 : 2;
+    const int size = 2;  /* half precision: the dense matvec's kinds */
     char *buf = malloc((size_t)size * (hidden + 2 * hq * d + 2 * hkv * d));
     if (!buf) return -1;
     char *h = buf, *q = h + (size_t)size * hidden, *k = q + (size_t)size * hq * d, *v = k + (size_t)size * hkv * d;

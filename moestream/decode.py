@@ -25,7 +25,7 @@ import torch
 
 from . import ckernels
 from .attention import NAME as FAST_ATTENTION
-from .kernels import MatvecLinear, _c_rms_norm
+from .kernels import MatvecLinear, _c_rms_norm, one_token_linear
 from .runtime import experts_forward, guessing
 
 LAYERS = ("Qwen3MoeDecoderLayer",)  # decoder layer classes whose forward lean_forward reproduces
@@ -106,11 +106,6 @@ def plan_layer(layer: torch.nn.Module, config, context: int) -> LeanLayer | None
                      float(attn.scaling), attn.layer_idx, context, router, experts, dense)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n] times w [out, n] transposed, summed in float32 and rounded to x's dtype: [1, out] (F.linear's)."""
-    return ckernels.dense_matvec(x.view(1, -1), w, x.dtype)
-
-
 def _kv_buffers(layer, lean: LeanLayer, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Buffers [1, kv heads, capacity, head dim] for the cache layer's keys and values, holding its `positions`
     with room for one more: transformers' DynamicLayer concatenates a new tensor each token (every position
@@ -169,7 +164,7 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
         y = experts_forward(lean.experts, h.view(1, -1), index, top.to(x.dtype))
     else:
         gate, up, down = lean.mlp
-        y = _linear((torch.nn.functional.silu(_linear(h, gate)) * _linear(h, up)).view(-1), down)
+        y = one_token_linear(torch.nn.functional.silu(one_token_linear(h, gate)) * one_token_linear(h, up), down)
     return (out + y.view(-1)).view(1, 1, -1)
 
 

@@ -230,11 +230,12 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 _dense = _Compiled(dense_matvec)
 
 
-def half_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """dense_matvec for a half-precision w: the C kernel where it takes it (no compiled-call overhead, ~20-40 us
-    of guards and wrappers per call here), else the compiled one."""
-    y = ckernels.dense_matvec(x, w)
-    return _dense(x, w) if y is None else y
+def half_matvec(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dense_matvec for a half-precision w, in `dtype` (float32 sums rounded to it as `.to(dtype)` rounds): the C
+    kernel where it takes it (no compiled-call overhead, ~20-40 us of guards and wrappers per call here), else the
+    compiled one."""
+    y = ckernels.dense_matvec(x, w, dtype)
+    return _dense(x, w).to(dtype) if y is None else y
 
 
 def one_token_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -242,7 +243,7 @@ def one_token_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     otherwise (the caller lets torch compute it)."""
     if x.device.type != "cpu" or x.shape[:-1].numel() != 1:
         return None
-    return half_matvec(x.reshape(1, -1), w).to(x.dtype).view(*x.shape[:-1], -1)
+    return half_matvec(x.reshape(1, -1), w, x.dtype).view(*x.shape[:-1], -1)
 
 
 class MatvecLinear(torch.nn.Linear):

@@ -110,6 +110,8 @@ def test_dense_matvec_sums_the_half_products_in_float32(dtype):
     w, x = torch.randn(37, 200, dtype=dtype), torch.randn(1, 200, dtype=dtype)
     want = F.linear(x.double(), w.double()).float()
     torch.testing.assert_close(ckernels.dense_matvec(x, w), want, rtol=1e-5, atol=1e-5)
+    w = torch.randn(4096, 200, dtype=dtype)  # asked for x's dtype: the float32 sums rounded as .to() rounds them
+    assert torch.equal(ckernels.dense_matvec(x, w, dtype), ckernels.dense_matvec(x, w).to(dtype))
     assert ckernels.dense_matvec(x.float(), w) is None and ckernels.dense_matvec(x.float(), w.float()) is None
     assert ckernels.dense_matvec(x, w.t().contiguous().t()) is None  # not contiguous
 
