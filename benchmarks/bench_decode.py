@@ -41,7 +41,7 @@ import numpy as np
 
 from common import drop_caches, machine_description, write_section
 
-MARK = "<!-- bench_decode temperature {temperature} -->"
+MARK = "<!-- bench_decode temperature {temperature} embedding {embedding} -->"
 PROMPT = "import collections\nclass LRUCache:\n    def __init__(self, capacity):"
 
 LLAMA_RUNNER = r"""
@@ -77,8 +77,13 @@ print(json.dumps({"repack": repack, "load_seconds": load, "prompt_tokens": len(i
 """
 
 
-def synthetic_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
-    """A random Qwen3-MoE GGUF written tensor by tensor (never the whole model in memory)."""
+def synthetic_gguf(path: Path, shape: dict, seed: int = 0, embedding_std: float = 0.02) -> Path:
+    """A random Qwen3-MoE GGUF written tensor by tensor (never the whole model in memory).
+
+    `embedding_std`: the token embeddings' spread (every other weight's is 0.02). At 0.02 the residual stream of
+    this random model soon carries the same direction for every token and layers 4-23 route 40-64 of their 128
+    experts (six prompts, 487 tokens); at 8 each token's embedding steers every layer, all 128 experts serve and
+    the busiest 2-7.5x the mean, as in trained models, which use every expert (benchmarks/RESULTS.md)."""
     import gguf
     from transformers import Qwen3MoeConfig
 
@@ -110,6 +115,8 @@ def synthetic_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
             specs.append((name, shp, "ones"))
         elif "ffn_gate_inp" in name:
             specs.append((name, shp, "router"))
+        elif name == "token_embd.weight":
+            specs.append((name, shp, "embedding"))
         else:
             specs.append((name, shp, "f16"))
 
@@ -122,7 +129,8 @@ def synthetic_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
             return np.ones(shp, dtype=np.float32)
         if kind == "router":  # spread-out logits, as trained routers have
             return rng.standard_normal(shp, dtype=np.float32)
-        return (rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16)
+        std = embedding_std if kind == "embedding" else 0.02
+        return (rng.standard_normal(shp, dtype=np.float32) * std).astype(np.float16)
 
     tmp = path.with_name(path.name + ".partial")
     w = gguf_writer(tmp, config, tokenizer, "Q4_0")
@@ -131,7 +139,7 @@ def synthetic_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
             nbytes = int(np.prod(shp[:-1])) * shp[-1] // 32 * 18
             w.add_tensor_info(name, (*shp[:-1], shp[-1] // 32 * 18), np.dtype(np.uint8), nbytes, raw_dtype=q4)
         else:
-            dt = np.dtype(np.float16 if kind == "f16" else np.float32)
+            dt = np.dtype(np.float16 if kind in ("f16", "embedding") else np.float32)
             w.add_tensor_info(name, shp, dt, int(np.prod(shp)) * dt.itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -280,6 +288,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy (default). A random model's greedy text repeats itself and so does its "
                          "routing; sampling (e.g. 1) spreads the experts used, as real text does")
+    ap.add_argument("--embedding-std", type=float, default=8.0,
+                    help="spread of the synthetic model's token embeddings: 8 (default) routes tokens over all "
+                         "experts, as trained models do; 0.02 (the earlier sessions' model) over a third of them "
+                         "after the first layers, so that 4 and 6 GiB held every expert it used")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--activations", default="float",
                     help="moestream runs per cap, one per --activations mode: float (exact), int8 (lossy, as "
@@ -308,8 +320,9 @@ def main() -> None:
         llama = False
     try:
         t0 = time.time()
-        gguf_path = synthetic_gguf(scratch / "model.gguf", shape)
-        store_path = scratch / "store"
+        gguf_path = synthetic_gguf(scratch / f"model-emb{args.embedding_std:g}.gguf", shape,
+                                   embedding_std=args.embedding_std)
+        store_path = scratch / f"store-emb{args.embedding_std:g}"
         if not (store_path / "store.json").is_file():
             convert(str(gguf_path), store_path, force=True, progress=False)
         print(f"GGUF {gguf_path.stat().st_size / 1e9:.2f} GB and store ready in {time.time() - t0:.0f} s", flush=True)
@@ -355,15 +368,17 @@ def main() -> None:
             rows.append(row)
         result = {"machine": machine_description(), "shape": shape, "gguf_bytes": gguf_path.stat().st_size,
                   "expert_bytes": store.expert_bytes, "dense_bytes": store.dense_bytes, "record_bytes": record,
-                  "tokens": args.tokens, "temperature": args.temperature,
+                  "tokens": args.tokens, "temperature": args.temperature, "embedding_std": args.embedding_std,
                   "ssd_probe": {"peak_bandwidth": ssd.peak_bandwidth, "bandwidth_fit": ssd.bandwidth,
                                 "latency": ssd.latency, "queue_depth": ssd.queue_depth, "direct": ssd.direct},
                   "fresh_memory_gbps": fresh, "rows": rows, "command": " ".join(sys.argv),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        args.out = args.out or f"benchmarks/results/bench_decode-t{args.temperature:g}.json"
+        emb = "" if args.embedding_std == 0.02 else f"-emb{args.embedding_std:g}"  # 0.02: the earlier files' names
+        args.out = args.out or f"benchmarks/results/bench_decode-t{args.temperature:g}{emb}.json"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-        write_section(Path(args.results_md), MARK.format(temperature=args.temperature), table(result))
+        write_section(Path(args.results_md), MARK.format(temperature=args.temperature, embedding=args.embedding_std),
+                      table(result))
         print(f"wrote {args.out} and {args.results_md}")
     finally:
         if not args.keep:
@@ -375,7 +390,8 @@ def table(result: dict) -> list[str]:
     lines = ["## Decode under memory caps: moestream vs llama.cpp, same weights (benchmarks/bench_decode.py)", "",
              f"Machine: {result['machine']}. Date: {result['date']}. Synthetic Qwen3-MoE: {s['num_hidden_layers']} "
              f"layers × {s['num_experts']} experts, top-{s['num_experts_per_tok']}, hidden {s['hidden_size']}, expert "
-             f"intermediate {s['moe_intermediate_size']}; GGUF {result['gguf_bytes'] / 1e9:.2f} GB with Q4_0 experts "
+             f"intermediate {s['moe_intermediate_size']}, token embeddings of std {result.get('embedding_std', 0.02):g} "
+             f"(bench_decode.synthetic_gguf); GGUF {result['gguf_bytes'] / 1e9:.2f} GB with Q4_0 experts "
              f"(moestream: the same bytes as int4 g32, {result['record_bytes'] / 1e6:.2f} MB per expert record), F16 "
              f"dense (moestream: bf16). {result['tokens']} tokens, "
              f"{'greedy' if not result['temperature'] else 'temperature %g, seed 0' % result['temperature']}, page "

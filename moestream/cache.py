@@ -218,7 +218,9 @@ class ExpertCache:
                 else:
                     held += 1
                 inflight = self.inflight.pop(key, None)
-                if inflight is not None:
+                if inflight is not None and inflight.cancel():  # a guess still queued: read now, beside our misses
+                    f.pending[self.reader.submit(info, e, buf)] = (e, buf, False)
+                elif inflight is not None:
                     f.pending[inflight] = (e, buf, False)  # prefetched: wait for (or check) its read
                 else:
                     f.ready[e] = buf.tensor

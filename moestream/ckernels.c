@@ -322,6 +322,35 @@ int ckernels_dense_matvec(const uint16_t *w, int kind, int rows, int cols, const
     return 0;
 }
 
+/* A guess at a layer's experts before its attention runs: the k largest of router (g * x) in float32, g the
+ * post-attention norm's weight and x the layer's input (the norm's 1/rms scales every logit alike: no top-k
+ * changes), written into idx, largest first. Only a guess (runtime.guess_own): its order among equal values is
+ * free. */
+int ckernels_router_guess(const uint16_t *router, const void *g, const void *x, int kind, int experts, int hidden,
+                          int k, int *idx, int threads) {
+    float *xf = malloc(sizeof(float) * ((size_t)hidden + experts));
+    if (!xf || k > experts) { free(xf); return -1; }
+    float *logits = xf + hidden;
+    for (int i = 0; i < hidden; i += 16) {
+        const int n = hidden - i < 16 ? hidden - i : 16;
+        _mm512_mask_storeu_ps(xf + i, (__mmask16)((1u << n) - 1),
+                              _mm512_mul_ps(load_floats(g, kind, i, n), load_floats(x, kind, i, n)));
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < experts; r++)
+        logits[r] = kind == SCALE_BF16 ? dense_row(router + (long)r * hidden, xf, hidden, SCALE_BF16)
+                                       : dense_row(router + (long)r * hidden, xf, hidden, SCALE_F16);
+    for (int j = 0; j < k; j++) {  /* k passes: k is small (top-8 of 128 here) */
+        int best = 0;
+        for (int r = 1; r < experts; r++)
+            if (logits[r] > logits[best]) best = r;
+        idx[j] = best;
+        logits[best] = -INFINITY;
+    }
+    free(xf);
+    return 0;
+}
+
 /* y [M x rows] = x W^T for M tokens x [M x cols]. */
 int ckernels_matvec(const uint8_t *q, const void *s, int kind, int rows, int cols, int group, const float *lut,
                     const float *x, int M, float *y, int threads) {

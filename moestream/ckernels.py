@@ -101,6 +101,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ckernels_silu_mlp.restype = i
     lib.ckernels_dense_matvec.argtypes = [p, i, i, i, p, p, i, i]
     lib.ckernels_dense_matvec.restype = i
+    lib.ckernels_router_guess.argtypes = [p, p, p, i, i, i, i, p, i]
+    lib.ckernels_router_guess.restype = i
     lib.ckernels_kquant_matvec.argtypes = [p, i, i, i, p, i, p, i]
     lib.ckernels_kquant_matvec.restype = i
     lib.ckernels_q8_ok.argtypes = [i, i]
@@ -152,6 +154,20 @@ def dense_matvec(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.fl
     _ok(_lib.ckernels_dense_matvec(w.data_ptr(), SCALE_KINDS[w.dtype], w.shape[0], w.shape[1], x.data_ptr(),
                                    y.data_ptr(), SCALE_KINDS[dtype], torch.get_num_threads()))
     return y
+
+
+def router_guess(router: torch.Tensor, norm: torch.Tensor, x: torch.Tensor, k: int) -> list[int] | None:
+    """The k experts a half-precision router [experts, hidden] ranks first for norm * x (norm: the post-attention
+    norm's weight, x [hidden]: the layer's input), largest first, summed in float32: a guess at the layer's choice
+    before its attention has run. None where these kernels do not take them."""
+    if (_load() is None or router.dtype not in (torch.bfloat16, torch.float16) or norm.dtype != router.dtype
+            or x.dtype != router.dtype or not router.is_contiguous() or not x.is_contiguous()
+            or not norm.is_contiguous() or not 0 < k <= router.shape[0]):
+        return None
+    idx = (ctypes.c_int * k)()
+    _ok(_lib.ckernels_router_guess(router.data_ptr(), norm.data_ptr(), x.data_ptr(), SCALE_KINDS[router.dtype],
+                                   router.shape[0], router.shape[1], k, idx, torch.get_num_threads()))
+    return list(idx)
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -26,7 +26,7 @@ import torch
 from . import ckernels
 from .attention import NAME as FAST_ATTENTION
 from .kernels import MatvecLinear, _c_rms_norm, one_token_linear
-from .runtime import experts_forward, guessing
+from .runtime import experts_forward, guess_own, guessing
 
 LAYERS = ("Qwen3MoeDecoderLayer",)  # decoder layer classes whose forward lean_forward reproduces
 ATTENTION = ("Qwen3MoeAttention",)
@@ -147,6 +147,8 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     logits = ahead = guess = None
     if lean.router is not None:
         src = lean.experts._moestream
+        if guessing(src, own=True):
+            guess_own(src, lean.weights[8], lean.weights[7], x, lean.router[1])
         logits = torch.empty(1, lean.router[0], dtype=x.dtype)
         if guessing(src) and src.lookahead[1].dtype == x.dtype and src.lookahead[1].is_contiguous():
             ahead = src.lookahead[1]  # the next layer's router on this layer's normed input, in the same call

@@ -61,11 +61,16 @@ class LayerSource:
     auto: bool = False  # --prefetch auto: guess only while the next layer's cache mostly misses on its own
     guess: torch.Tensor | None = None  # the next layer's router logits for this token, when its caller computed
     # them already (decode.lean_forward, beside this layer's own): taken by _prefetch_next
+    own: bool = False  # --prefetch lookahead / auto: decode.lean_forward also guesses this layer's own experts
+    # from its input before the attention block runs (guess_own)
 
 
-def guessing(src: LayerSource) -> bool:
-    """Whether this layer guesses the next one's experts: --prefetch lookahead, or auto while the next layer's
-    cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent requests."""
+def guessing(src: LayerSource, own: bool = False) -> bool:
+    """Whether this layer guesses the next one's experts (`own`: its own, from its input: guess_own): --prefetch
+    lookahead, or auto while that layer's cache held, unguessed, under AUTO_PREFETCH_BELOW (own: AUTO_OWN_BELOW)
+    of its recent requests."""
+    if own:
+        return src.own and not (src.auto and src.cache.organic.get(src.info.layer, 0.0) >= AUTO_OWN_BELOW)
     return src.lookahead is not None and not (
         src.auto and src.cache.organic.get(src.lookahead[0].layer, 0.0) >= AUTO_PREFETCH_BELOW)
 
@@ -130,6 +135,20 @@ def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group:
         guess = torch.topk(logits, k, dim=-1).indices
     order = list(dict.fromkeys(guess.T.flatten().tolist()))
     src.cache.prefetch(info, order, keep=[(src.info.layer, e) for e in group])
+
+
+def guess_own(src: LayerSource, router: torch.Tensor, norm: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    """Guess this layer's k experts from its input x, before its attention block runs (the router on the
+    post-attention norm of x rather than of x plus attention), and start reading those the cache lacks: their
+    reads overlap the attention block. Of such a top-8, bench_decode's model with spread routing had 0.94-0.98
+    right in every layer (0.88-0.95 from the previous layer's input); with the concentrated routing of its token
+    embeddings at 0.02, 0.8-0.9 from the fourth layer on (0.5-0.85), 0.07-0.32 before (benchmarks/RESULTS.md).
+    Only loads records."""
+    entries, layer = src.cache.entries, src.info.layer
+    guess = ckernels.router_guess(router, norm, x, k)
+    missing = [e for e in guess if (layer, e) not in entries] if guess is not None else ()
+    if missing:
+        src.cache.prefetch(src.info, missing, keep=[])
 
 
 def _experts_one(src: LayerSource, x: torch.Tensor, chosen: list[int], weights: torch.Tensor,
@@ -229,6 +248,9 @@ def default_device() -> torch.device:
 # requests. bench_decode's model (benchmarks/RESULTS.md): lookahead paid at 2 GiB (38 % hits), cost 2-8 % at 3-6
 # GiB (78-82 %); since guesses cost less (eighth session), level with none and auto at 6 GiB.
 AUTO_PREFETCH_BELOW = 0.6
+# --prefetch auto guesses a layer's own experts while its cache held, unguessed, under this share of its recent
+# requests: whenever it missed lately (a guess costs ~45 us a layer, wasted where every expert hits)
+AUTO_OWN_BELOW = 0.99
 HUGE_DENSE_MIN = 1 << 20  # tensors this large or larger go into the huge-page region
 
 
@@ -404,9 +426,10 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     `cache_scope`: "global" (one budget, any layer's miss may evict any layer's expert) or "per-layer" (each
     layer an equal share: ExpertCache.split_budget).
     `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
-    `prefetch`: "none", "lookahead" (guess the next layer's experts with its router and start their reads), or
-    "auto" (lookahead for a layer only while the cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent
-    requests).
+    `prefetch`: "none", "lookahead" (guess the next layer's experts with its router, and in lean decode each
+    layer's own before its attention (guess_own), and start their reads), or "auto" (the next layer's guess only
+    while its cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent requests, a layer's own under
+    AUTO_OWN_BELOW).
     `activations`: "float" (exact) or "int8" (lossy, opt-in: one-token experts multiply int8-rounded
     activations, as llama.cpp's Q4_0 x Q8_0 does; int4 experts with groups of 32 on AVX-512 VNNI CPUs).
     """
@@ -498,7 +521,7 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
                 raise StoreError(f"--prefetch lookahead: no router found beside {names[i + 1]}")
         experts[name]._moestream = LayerSource(expert_cache, layers[name], device, dtype, recorder, ahead,
                                                _silu_gated(experts[name]), layouts[name], activations == "int8",
-                                               prefetch == "auto")
+                                               prefetch == "auto", own=prefetch != "none")
     if matvec:
         from .decode import use_lean_decode  # decode builds on this module's experts_forward
 

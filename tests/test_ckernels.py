@@ -104,6 +104,20 @@ def test_a_failed_build_is_reported_once_and_torch_kernels_used(monkeypatch, tmp
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_guess_ranks_the_normed_input_as_float32_products(dtype):
+    """The k experts router (norm * x) ranks first, largest first (200 columns: a tail after 64-wide steps);
+    other dtypes and a k past the experts are not taken."""
+    torch.manual_seed(0)
+    router, norm, x = (torch.randn(*s, dtype=dtype) for s in ((37, 200), (200,), (200,)))
+    logits = router.double() @ (norm.float() * x.float()).double()
+    assert ckernels.router_guess(router, norm, x, 5) == torch.topk(logits, 5).indices.tolist()
+    assert ckernels.router_guess(router, norm, x, 37)[0] == int(logits.argmax())
+    assert ckernels.router_guess(router.float(), norm.float(), x.float(), 5) is None
+    assert ckernels.router_guess(router, norm, x, 38) is None
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dense_matvec_sums_the_half_products_in_float32(dtype):
     """200 columns: three 64-wide steps and a tail of 8. Other dtypes and mixed ones are not taken."""
     torch.manual_seed(0)

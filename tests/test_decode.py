@@ -98,6 +98,9 @@ def test_lean_decode_guesses_what_the_modules_path_guesses(bf16_store, monkeypat
     monkeypatch.setattr(ExpertCache, "prefetch", lambda self, info, experts, keep: guesses.append(
         (info.layer, list(experts))) or real(self, info, experts, keep))
     with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="lookahead") as m:
+        for mod in m.model.modules():  # the lean path's own guesses (test_own_guesses_...) are not the modules'
+            if hasattr(mod, "_moestream"):
+                mod._moestream.own = False
         runs = []
         for lean in (False, True):
             guesses.clear()
@@ -105,6 +108,42 @@ def test_lean_decode_guesses_what_the_modules_path_guesses(bf16_store, monkeypat
             runs.append((logits, list(guesses)))
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and len(runs[0][1]) > 6
+
+
+def test_own_guesses_start_reads_before_the_attention_and_change_nothing(bf16_store, monkeypatch):
+    """--prefetch lookahead / auto: each lean MoE layer first guesses its own experts from its input and starts
+    reading those the cache lacks (a prefetch keeping nothing: the layer has asked for nothing yet); auto only while
+    the layer missed lately (ExpertCache.organic under AUTO_OWN_BELOW). The logits are those without guesses."""
+    import moestream.decode as decode
+    from moestream.cache import ExpertCache
+
+    calls, own_reads = [], []
+    real_guess, real_prefetch = decode.guess_own, ExpertCache.prefetch
+    monkeypatch.setattr(decode, "guess_own", lambda src, *a: calls.append(src.info.layer) or real_guess(src, *a))
+    monkeypatch.setattr(ExpertCache, "prefetch", lambda self, info, experts, keep: (
+        own_reads.append((info.layer, list(experts))) if not keep else None) or real_prefetch(self, info, experts, keep))
+    with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="none") as m:
+        want = decode_logits(m.model, [5, 17, 42], 6, [True] * 6)
+    assert not calls and not own_reads
+    for mode in ("lookahead", "auto"):
+        with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch=mode) as m:
+            moe = sorted(i.layer for i in m.store.layers)
+            calls.clear()
+            m.cache.clear()  # nothing cached: the first step's guesses all miss
+            got = decode_logits(m.model, [5, 17, 42], 6, [True] * 6)
+            assert torch.equal(got, want)
+            # the prefill (3 tokens, the modules' path) left each layer's average low: auto guesses every step
+            assert calls == moe * 6
+            assert {layer for layer, _ in own_reads} == set(moe)
+            if mode == "auto":
+                calls.clear()
+                m.cache.organic = dict.fromkeys(moe, 1.0)  # every recent request held: no guess
+                with torch.inference_mode():
+                    past = DynamicCache(config=m.model.config)
+                    m.model(input_ids=torch.tensor([[5, 17]]), cache=past, use_cache=True)
+                    m.cache.organic = dict.fromkeys(moe, 1.0)
+                    m.model(input_ids=torch.tensor([[9]]), cache=past, use_cache=True)
+                assert calls == []
 
 
 def test_lean_decode_keeps_kv_in_place_and_transformers_sees_a_dynamic_cache(bf16_store):

@@ -418,14 +418,12 @@ def test_dense_weights_and_cache_on_huge_pages_keep_results_and_ties(tmp_path, t
 
 
 def test_unstarted_wrong_guesses_are_cancelled_and_their_buffers_kept(qwen3_store, monkeypatch):
-    """Guesses read on their own thread, behind each other: when their layer asks for other experts, those whose
-    read has not started are dropped (their reserved buffers back to spare, the budget's bytes as before), the
-    one reading finishes and stays, and the requested records are read beside it, exact."""
+    """Guesses read on GUESS_THREADS threads of their own: when their layer asks for other experts, those whose read
+    has not started are dropped (their reserved buffers back to spare, the budget's bytes as before), those reading
+    finish and stay, and the requested records are read beside them, exact."""
     import threading
 
-    from moestream.reader import GUESS_THREADS
-
-    assert GUESS_THREADS == 1
+    monkeypatch.setattr("moestream.reader.GUESS_THREADS", 1)  # one guess reading, the rest queued behind it
     budget = expert_bytes(qwen3_store) // 2
     with moestream.load(qwen3_store, cache=budget, device="cpu") as m:
         info = m.store.layers[1]
@@ -456,6 +454,41 @@ def test_unstarted_wrong_guesses_are_cancelled_and_their_buffers_kept(qwen3_stor
         for e, record in [*got.items(), (0, m.cache.get(info, [0])[0])]:  # the guess that ran: a hit now
             assert bytes(record.numpy()) == raw[e * info.record_bytes:(e + 1) * info.record_bytes]
         assert c.hits == 1 and c.prefetch_used == 1
+
+
+def test_a_requested_guess_still_queued_is_read_at_once(qwen3_store, monkeypatch):
+    """A layer asking for a guessed expert whose read waits behind other guesses reads it on the requests' threads
+    now, instead of waiting behind them; it still counts as a guess used, read once."""
+    import threading
+    from concurrent.futures import wait
+
+    monkeypatch.setattr("moestream.reader.GUESS_THREADS", 1)
+    with moestream.load(qwen3_store, cache=expert_bytes(qwen3_store) // 2, device="cpu") as m:
+        info = m.store.layers[1]
+        gate, real = threading.Event(), RecordReader.read
+        started = []
+
+        def slow(self, i, e, buf):
+            if threading.current_thread().name.startswith("moestream-guess"):
+                started.append(e)
+                gate.wait(10)
+            return real(self, i, e, buf)
+
+        monkeypatch.setattr(RecordReader, "read", slow)
+        m.cache.prefetch(info, [0, 1, 2], keep=[])
+        while not started:
+            threading.Event().wait(0.01)
+        f = m.cache.fetch(info, [2, 5])  # 2: guessed, queued behind 0
+        done, _ = wait(list(f.pending), timeout=5)  # before: 2 waited for the gate
+        assert len(done) == 2 and started == [0]
+        gate.set()
+        got = dict(f.arrivals())
+        raw = (m.store.root / info.path).read_bytes()
+        for e in (2, 5):
+            assert bytes(got[e].numpy()) == raw[e * info.record_bytes:(e + 1) * info.record_bytes]
+        c = m.cache.layers[info.layer]
+        assert c.prefetch_used == 1 and c.misses == 1 and c.prefetched == 2 and c.prefetch_cancelled == 1
+        assert c.bytes_read == 3 * info.record_bytes  # 0, 2 and 5 once each (1 cancelled)
 
 
 def test_auto_prefetch_guesses_only_where_the_cache_misses_on_its_own(qwen3_store):
