@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -417,31 +418,37 @@ def test_dense_weights_and_cache_on_huge_pages_keep_results_and_ties(tmp_path, t
         assert (want - got).abs().max().item() <= 1e-4
 
 
+def held_guesses(monkeypatch):
+    """Guesses read on one thread (set before the model loads), each held there until the returned event is set;
+    `started` lists the experts whose guessed read began."""
+    import threading
+
+    monkeypatch.setattr("moestream.reader.GUESS_THREADS", 1)
+    gate, real, started = threading.Event(), RecordReader.read, []
+
+    def slow(self, i, e, buf):
+        if threading.current_thread().name.startswith("moestream-guess"):
+            started.append(e)
+            gate.wait(10)
+        return real(self, i, e, buf)
+
+    monkeypatch.setattr(RecordReader, "read", slow)
+    return gate, started
+
+
 def test_unstarted_wrong_guesses_are_cancelled_and_their_buffers_kept(qwen3_store, monkeypatch):
     """Guesses read on GUESS_THREADS threads of their own: when their layer asks for other experts, those whose read
     has not started are dropped (their reserved buffers back to spare, the budget's bytes as before), those reading
     finish and stay, and the requested records are read beside them, exact."""
-    import threading
-
-    monkeypatch.setattr("moestream.reader.GUESS_THREADS", 1)  # one guess reading, the rest queued behind it
     budget = expert_bytes(qwen3_store) // 2
+    gate, started = held_guesses(monkeypatch)
     with moestream.load(qwen3_store, cache=budget, device="cpu") as m:
         info = m.store.layers[1]
-        gate, real = threading.Event(), RecordReader.read
-        started = []
-
-        def slow(self, i, e, buf):
-            if threading.current_thread().name.startswith("moestream-guess"):
-                started.append(e)
-                gate.wait(10)
-            return real(self, i, e, buf)
-
-        monkeypatch.setattr(RecordReader, "read", slow)
         total = lambda: m.cache.used + sum(b.nbytes for b in m.cache.spare)
         before, spare = total(), len(m.cache.spare)
         m.cache.prefetch(info, [0, 1, 2], keep=[])
         while not started:
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         assert started == [0] and len(m.cache.spare) == spare - 3
         f = m.cache.fetch(info, [3, 4])  # 1 and 2 never started: cancelled
         c = m.cache.layers[info.layer]
@@ -459,25 +466,14 @@ def test_unstarted_wrong_guesses_are_cancelled_and_their_buffers_kept(qwen3_stor
 def test_a_requested_guess_still_queued_is_read_at_once(qwen3_store, monkeypatch):
     """A layer asking for a guessed expert whose read waits behind other guesses reads it on the requests' threads
     now, instead of waiting behind them; it still counts as a guess used, read once."""
-    import threading
     from concurrent.futures import wait
 
-    monkeypatch.setattr("moestream.reader.GUESS_THREADS", 1)
+    gate, started = held_guesses(monkeypatch)
     with moestream.load(qwen3_store, cache=expert_bytes(qwen3_store) // 2, device="cpu") as m:
         info = m.store.layers[1]
-        gate, real = threading.Event(), RecordReader.read
-        started = []
-
-        def slow(self, i, e, buf):
-            if threading.current_thread().name.startswith("moestream-guess"):
-                started.append(e)
-                gate.wait(10)
-            return real(self, i, e, buf)
-
-        monkeypatch.setattr(RecordReader, "read", slow)
         m.cache.prefetch(info, [0, 1, 2], keep=[])
         while not started:
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         f = m.cache.fetch(info, [2, 5])  # 2: guessed, queued behind 0
         done, _ = wait(list(f.pending), timeout=5)  # before: 2 waited for the gate
         assert len(done) == 2 and started == [0]
