@@ -84,8 +84,8 @@ class RecordReader:
         self.store = store
         self.verify = verify
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="moestream-read")
-        # guesses (prefetch) read on threads of their own, one at a time: requested reads never queue behind them,
-        # and a guess not yet started can be cancelled when its layer asks for other experts
+        # guesses (prefetch) read on GUESS_THREADS threads of their own: requested reads never queue behind them, and
+        # a guess not yet started is dropped when its layer asks for other experts (or read at once if it asks for it)
         self.guess_pool = ThreadPoolExecutor(max_workers=GUESS_THREADS, thread_name_prefix="moestream-guess")
         self.direct = direct
         self._busy_lock = threading.Lock()
