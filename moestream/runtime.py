@@ -58,7 +58,7 @@ class LayerSource:
     silu_gated: bool = False  # transformers' default gating (kernels.silu_mlp may compute the expert whole)
     layout: ckernels.ExpertLayout | None = None  # one token's experts computed straight from record bytes
     int8: bool = False  # ... with int8 activations (load(activations="int8"): opt-in, lossy)
-    auto: bool = False  # --prefetch auto: guess only while the next layer's cache mostly misses on its own
+    auto: bool = False  # --prefetch auto: guess only where the cache misses on its own (guessing)
     guess: torch.Tensor | None = None  # the next layer's router logits for this token, when its caller computed
     # them already (decode.lean_forward, beside this layer's own): taken by _prefetch_next
     own: bool = False  # --prefetch lookahead / auto: decode.lean_forward also guesses this layer's own experts
@@ -142,7 +142,7 @@ def guess_own(src: LayerSource, router: torch.Tensor, norm: torch.Tensor, x: tor
     post-attention norm of x rather than of x plus attention), and start reading those the cache lacks: their
     reads overlap the attention block. Of such a top-8, bench_decode's model with spread routing had 0.94-0.98
     right in every layer (0.88-0.95 from the previous layer's input); with the concentrated routing of its token
-    embeddings at 0.02, 0.8-0.9 from the fourth layer on (0.5-0.85), 0.07-0.32 before (benchmarks/RESULTS.md).
+    embeddings at 0.02, 0.61-0.91 from the fourth layer on (0.46-0.88), 0.07-0.32 before (benchmarks/RESULTS.md).
     Only loads records."""
     entries, layer = src.cache.entries, src.info.layer
     guess = ckernels.router_guess(router, norm, x, k)
