@@ -186,9 +186,10 @@ class ExpertCache:
             reuse = self.spare.pop()
         return reuse if reuse is not None else self.reader.buffer(nbytes)
 
-    def fetch(self, info: LayerInfo, experts: list[int]) -> Fetch:
+    def fetch(self, info: LayerInfo, experts: list[int], uses: list[int] | None = None) -> Fetch:
         """Start fetching `experts` of one layer: hits are ready now, misses are read in parallel and
-        can be consumed as each lands (`Fetch.arrivals`), so compute overlaps the reads still in flight."""
+        can be consumed as each lands (`Fetch.arrivals`), so compute overlaps the reads still in flight.
+        `uses`: how many tokens chose each (the policy's access counts; default one each)."""
         if len(experts) * info.record_bytes > self.budget:
             raise MemoryError(
                 f"{len(experts)} records of {format_size(info.record_bytes)} exceed the expert cache budget "
@@ -206,10 +207,10 @@ class ExpertCache:
                 c.bytes_read -= info.record_bytes
         f = Fetch(self, info, c)
         held = 0  # hits the cache had without a guess
-        for e in experts:
+        for i, e in enumerate(experts):
             key = (info.layer, e)
             buf = self.entries.get(key)
-            self.policy.access(key, buf is not None)
+            self.policy.access(key, buf is not None, uses[i] if uses else 1)
             if buf is not None:
                 c.hits += 1
                 if key in self.unused_prefetch:
@@ -261,9 +262,9 @@ class ExpertCache:
             self.unused_prefetch.add(key)
             self.inflight[key] = self.reader.submit(info, e, buf, guess=True)
 
-    def get(self, info: LayerInfo, experts: list[int]) -> dict[int, torch.Tensor]:
+    def get(self, info: LayerInfo, experts: list[int], uses: list[int] | None = None) -> dict[int, torch.Tensor]:
         """Records (uint8 tensors) for `experts` of one layer, all of them, once every read has landed."""
-        f = self.fetch(info, experts)
+        f = self.fetch(info, experts, uses)
         out = dict(f.ready)
         out.update(f.arrivals())
         return out

@@ -17,8 +17,9 @@ Key = tuple[int, int]  # (layer, expert)
 class Policy:
     name = "base"
 
-    def access(self, key: Key, hit: bool) -> None:
-        """Called for every request of `key`, in request order, before any eviction it causes."""
+    def access(self, key: Key, hit: bool, uses: int = 1) -> None:
+        """Called for every request of `key`, in request order, before any eviction it causes. `uses`: how many
+        of the step's tokens chose it (a prefill chunk asks once for an expert many of its tokens chose)."""
 
     def insert(self, key: Key) -> None:
         """`key` became resident."""
@@ -40,7 +41,7 @@ class LRU(Policy):
     def __init__(self):
         self.order: OrderedDict[Key, None] = OrderedDict()
 
-    def access(self, key: Key, hit: bool) -> None:
+    def access(self, key: Key, hit: bool, uses: int = 1) -> None:
         if hit:
             self.order.move_to_end(key)
 
@@ -95,7 +96,9 @@ class _HeapPolicy(Policy):
 
 class LFU(_HeapPolicy):
     """Evict the expert used least often, with aging: a use counts 2**(t / half_life) at request t,
-    which is exponential decay of old counts without rescaling; ties go to the least recent."""
+    which is exponential decay of old counts without rescaling; ties go to the least recent. A request counts
+    once for each token that chose the expert: a prompt's popular experts come out of its prefill ahead (on
+    bench_decode's model 8 % fewer decode misses at 6 and 4 GiB's caches than counting each request once)."""
 
     name = "lfu"
 
@@ -105,7 +108,7 @@ class LFU(_HeapPolicy):
         self.clock = 0
         self.score: dict[Key, float] = {}
 
-    def access(self, key: Key, hit: bool) -> None:
+    def access(self, key: Key, hit: bool, uses: int = 1) -> None:
         self.clock += 1
         if self.clock % (256 * self.half_life) == 0:  # keep weights far from float overflow
             self.score = {k: v / 2.0**256 for k, v in self.score.items()}
@@ -113,7 +116,7 @@ class LFU(_HeapPolicy):
             self.heap = [(self.prio[k], k) for k in self.resident]
             heapq.heapify(self.heap)
         w = 2.0 ** ((self.clock % (256 * self.half_life)) / self.half_life)
-        self.score[key] = self.score.get(key, 0.0) + w
+        self.score[key] = self.score.get(key, 0.0) + w * uses
         self._set(key, (self.score[key], self.clock))
 
 
@@ -132,7 +135,7 @@ class Belady(_HeapPolicy):
             self.uses.setdefault(k, []).append(i)
         self.ptr: dict[Key, int] = {}
 
-    def access(self, key: Key, hit: bool) -> None:
+    def access(self, key: Key, hit: bool, uses: int = 1) -> None:
         p = self.ptr[key] = self.ptr.get(key, 0) + 1  # uses[key][p] is the next request after this one
         uses = self.uses.get(key, [])
         nxt = uses[p] if p < len(uses) else float("inf")
@@ -149,9 +152,9 @@ class Pinned(Policy):
 
     # A pinned key is never a victim: the inner policy never sees it (its uses would order nothing, and a heap
     # policy would step over every pinned key on each eviction).
-    def access(self, key: Key, hit: bool) -> None:
+    def access(self, key: Key, hit: bool, uses: int = 1) -> None:
         if key not in self.keys:
-            self.inner.access(key, hit)
+            self.inner.access(key, hit, uses)
 
     def insert(self, key: Key) -> None:
         if key not in self.keys:
@@ -180,8 +183,8 @@ class PerLayer(Policy):
             p = self.layers[layer] = self.make()
         return p
 
-    def access(self, key: Key, hit: bool) -> None:
-        self._of(key[0]).access(key, hit)
+    def access(self, key: Key, hit: bool, uses: int = 1) -> None:
+        self._of(key[0]).access(key, hit, uses)
 
     def insert(self, key: Key) -> None:
         self._of(key[0]).insert(key)

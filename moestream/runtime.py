@@ -209,8 +209,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
     groups = request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info),
                             src.cache.pinned.get(src.info.layer, ()))
+    chosen = None if one else torch.bincount(top_k_index.flatten(), minlength=src.info.experts).tolist()
     for i, group in enumerate(groups):
-        fetch = src.cache.fetch(src.info, group)
+        fetch = src.cache.fetch(src.info, group, None if one else [chosen[e] for e in group])
         if i == 0:
             _prefetch_next(src, hidden_states, top_k_index.shape[-1], group)
         # Hits first, then each miss as its read lands: compute overlaps the reads still in flight.

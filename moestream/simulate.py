@@ -119,9 +119,11 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: 
         for c, info in enumerate(infos):
             counters = cache.counters(info.layer)
             before = counters.misses
+            col = experts[:, c].ravel()
+            chosen = np.bincount(col[col >= 0], minlength=info.experts)  # the runtime's uses, as experts_forward's
             for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, cache.capacity(info),
                                         cache.pinned.get(info.layer, ())):
-                cache.get(info, group)
+                cache.get(info, group, [int(chosen[e]) for e in group])
                 asked += len(group)
             misses.append(counters.misses - before)
         if decode:

@@ -42,8 +42,8 @@ def test_cache_never_exceeds_budget(qwen3_store, monkeypatch):
         checks = []
         real_fetch = ExpertCache.fetch
 
-        def checked_fetch(self, info, experts):
-            out = real_fetch(self, info, experts)  # every buffer is allocated here
+        def checked_fetch(self, info, experts, uses=None):
+            out = real_fetch(self, info, experts, uses)  # every buffer is allocated here
             assert self.used <= self.budget
             assert sum(b.nbytes for b in self.entries.values()) == self.used
             checks.append(self.used)

@@ -55,6 +55,16 @@ def test_prefill_union_is_read_once():
     assert r.decode_tokens == 0
 
 
+def test_lfu_counts_each_token_that_chose_an_expert():
+    """A prefill step asks once for the union of its tokens' experts, but LFU counts expert 0 three times (three
+    tokens chose it) and expert 1 once: the decode's new expert 2 evicts 1, and 0 then hits. Counting each request
+    once, 0 and 1 would tie and 0, the least recent, would go."""
+    trace = make_trace([[[0, -1], [0, -1], [0, 1]], [[2]], [[0]]], decode=[False, True, True])
+    r = simulate(trace, 2 * 4096, "lfu")
+    assert (r.hits, r.misses, r.evictions) == (1, 3, 1)
+    assert r.decode_misses == [[1], [0]]
+
+
 def test_belady_is_at_least_every_policy_on_random_traces():
     rng = random.Random(0)
     for trial in range(30):
@@ -244,8 +254,8 @@ def test_a_cache_all_pinned_fetches_each_layer_once(qwen3_store, monkeypatch):
         assert m.cache.capacity(store.layers[0]) == 1 and len(m.cache.entries) == sum(i.experts for i in store.layers)
         calls = []
         real = ExpertCache.fetch
-        monkeypatch.setattr(ExpertCache, "fetch", lambda self, info, experts: calls.append(len(experts))
-                            or real(self, info, experts))
+        monkeypatch.setattr(ExpertCache, "fetch", lambda self, info, experts, uses=None: calls.append(len(experts))
+                            or real(self, info, experts, uses))
         with torch.no_grad():
             m.model(torch.tensor([[5]]))  # one token: each MoE layer asks for its top 2 once
         assert calls == [2] * len(store.layers)
