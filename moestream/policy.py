@@ -98,7 +98,8 @@ class LFU(_HeapPolicy):
     """Evict the expert used least often, with aging: a use counts 2**(t / half_life) at request t,
     which is exponential decay of old counts without rescaling; ties go to the least recent. A request counts
     once for each token that chose the expert: a prompt's popular experts come out of its prefill ahead (on
-    bench_decode's model 8 % fewer decode misses at 6 and 4 GiB's caches than counting each request once)."""
+    bench_decode's model 6-7 % fewer bytes read a decoded token at 6 and 4 GiB's caches, simulated and measured,
+    than counting each request once; benchmarks/RESULTS.md)."""
 
     name = "lfu"
 
@@ -136,9 +137,9 @@ class Belady(_HeapPolicy):
         self.ptr: dict[Key, int] = {}
 
     def access(self, key: Key, hit: bool, uses: int = 1) -> None:
-        p = self.ptr[key] = self.ptr.get(key, 0) + 1  # uses[key][p] is the next request after this one
-        uses = self.uses.get(key, [])
-        nxt = uses[p] if p < len(uses) else float("inf")
+        p = self.ptr[key] = self.ptr.get(key, 0) + 1  # self.uses[key][p] is the next request after this one
+        times = self.uses.get(key, [])
+        nxt = times[p] if p < len(times) else float("inf")
         self._set(key, (-nxt,))
 
 
