@@ -44,6 +44,14 @@ def request_groups(top_k_index: torch.Tensor | list[int], num_experts: int, capa
     return groups
 
 
+def uses_of(top_k_index: torch.Tensor, num_experts: int) -> list[int]:
+    """How many of a step's tokens chose each expert (padding, -1, left out): the counts a prefill chunk's single
+    request for each expert passes to the policy (ExpertCache.fetch's `uses`). Shared by the runtime and the
+    simulator."""
+    chosen = top_k_index.flatten()
+    return torch.bincount(chosen[chosen >= 0], minlength=num_experts).tolist()
+
+
 @dataclass
 class Counters:
     hits: int = 0

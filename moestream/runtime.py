@@ -25,7 +25,7 @@ from transformers.integrations.moe import ExpertsInterface
 from . import ckernels
 from .attention import use_fast_attention
 from .budget import MemoryPlan, plan_memory, return_large_frees
-from .cache import ExpertCache, request_groups
+from .cache import ExpertCache, request_groups, uses_of
 from .generate import GenerationStats, Sampling, generate_ids
 from .policy import Pinned, make_policy
 from .profile import hottest, load_profile
@@ -209,7 +209,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
     groups = request_groups(top_k_index, src.info.experts, src.cache.capacity(src.info),
                             src.cache.pinned.get(src.info.layer, ()))
-    chosen = None if one else torch.bincount(top_k_index.flatten(), minlength=src.info.experts).tolist()
+    chosen = None if one else uses_of(top_k_index, src.info.experts)
     for i, group in enumerate(groups):
         fetch = src.cache.fetch(src.info, group, None if one else [chosen[e] for e in group])
         if i == 0:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import ExpertCache, request_groups
+from .cache import ExpertCache, request_groups, uses_of
 from .costmodel import Machine, tokens_per_second
 from .policy import Belady, Pinned, Policy, make_policy
 from .store import LayerInfo
@@ -119,11 +119,10 @@ def simulate(trace: Trace, cache_bytes: int, policy: str | Policy = "lru", pin: 
         for c, info in enumerate(infos):
             counters = cache.counters(info.layer)
             before = counters.misses
-            col = experts[:, c].ravel()
-            chosen = np.bincount(col[col >= 0], minlength=info.experts)  # the runtime's uses, as experts_forward's
+            chosen = uses_of(torch.from_numpy(experts[:, c]), info.experts)  # as the runtime counts them
             for group in request_groups(torch.from_numpy(experts[:, c]), info.experts, cache.capacity(info),
                                         cache.pinned.get(info.layer, ())):
-                cache.get(info, group, [int(chosen[e]) for e in group])
+                cache.get(info, group, [chosen[e] for e in group])
                 asked += len(group)
             misses.append(counters.misses - before)
         if decode:
