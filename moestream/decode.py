@@ -147,7 +147,7 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     logits = ahead = guess = None
     if lean.router is not None:
         src = lean.experts._moestream
-        if guessing(src, own=True):
+        if guessing(src, own=True) or (src.ahead_norm is not None and guessing(src)):
             guess_own(src, lean.weights[8], lean.weights[7], x, lean.router[1])
         logits = torch.empty(1, lean.router[0], dtype=x.dtype)
         if guessing(src) and src.lookahead[1].dtype == x.dtype and src.lookahead[1].is_contiguous():
@@ -173,11 +173,17 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
 def use_lean_decode(model: torch.nn.Module, context: int) -> int:
     """Give every decoder layer plan_layer knows lean_forward (its KV buffers sized for `context` positions);
     returns how many."""
-    n = 0
+    leans = []
     for layer in model.modules():
         lean = plan_layer(layer, model.config, context) if type(layer).__name__ in LAYERS else None
         if lean is not None:
             layer._moestream_lean = lean
             layer.forward = types.MethodType(lean_forward, layer)
-            n += 1
-    return n
+            leans.append(lean)
+    # guess_own guesses the next MoE layer from a layer's input with that layer's router and post-attention norm
+    norms = {lean.experts._moestream.info.layer: lean.weights[7] for lean in leans if lean.router is not None}
+    for lean in leans:
+        src = lean.experts._moestream if lean.router is not None else None
+        if src is not None and src.lookahead is not None and src.lookahead[1].dtype == lean.weights[7].dtype:
+            src.ahead_norm = norms.get(src.lookahead[0].layer)
+    return len(leans)

@@ -63,6 +63,8 @@ class LayerSource:
     # them already (decode.lean_forward, beside this layer's own): taken by _prefetch_next
     own: bool = False  # --prefetch lookahead / auto: decode.lean_forward also guesses this layer's own experts
     # from its input before the attention block runs (guess_own)
+    ahead_norm: torch.Tensor | None = None  # the next MoE layer's post-attention norm weight, where decode gave it:
+    # guess_own then also guesses that layer's first EARLY_NEXT experts
 
 
 def guessing(src: LayerSource, own: bool = False) -> bool:
@@ -143,12 +145,19 @@ def guess_own(src: LayerSource, router: torch.Tensor, norm: torch.Tensor, x: tor
     reads overlap the attention block. Of such a top-8, bench_decode's model with spread routing had 0.94-0.98
     right in every layer (0.88-0.95 from the previous layer's input); with the concentrated routing of its token
     embeddings at 0.02, 0.61-0.91 from the fourth layer on (0.46-0.88), 0.07-0.32 before (benchmarks/RESULTS.md).
-    Only loads records."""
-    entries, layer = src.cache.entries, src.info.layer
-    guess = ckernels.router_guess(router, norm, x, k)
-    missing = [e for e in guess if (layer, e) not in entries] if guess is not None else ()
-    if missing:
-        src.cache.prefetch(src.info, missing, keep=[])
+    Where `src.ahead_norm` is known, the next layer's first EARLY_NEXT experts are guessed from x too, so its reads
+    start a block earlier than the guess beside the attention's output (_prefetch_next). Only loads records."""
+    keep = []
+    if guessing(src, own=True):
+        guess = ckernels.router_guess(router, norm, x, k)
+        if guess is not None:
+            keep = [(src.info.layer, e) for e in guess]
+            src.cache.prefetch(src.info, guess, keep=[])
+    if src.ahead_norm is not None and guessing(src):
+        info, weight = src.lookahead
+        guess = ckernels.router_guess(weight, src.ahead_norm, x, min(EARLY_NEXT, k))
+        if guess is not None:
+            src.cache.prefetch(info, guess, keep=keep)
 
 
 def _experts_one(src: LayerSource, x: torch.Tensor, chosen: list[int], weights: torch.Tensor,
@@ -246,9 +255,12 @@ def default_device() -> torch.device:
 
 
 # --prefetch auto guesses a layer's experts while the cache held, unguessed, fewer than this share of its recent
-# requests. bench_decode's model (benchmarks/RESULTS.md): lookahead paid at 2 GiB (38 % hits), cost 2-8 % at 3-6
-# GiB (78-82 %); since guesses cost less (eighth session), level with none and auto at 6 GiB.
-AUTO_PREFETCH_BELOW = 0.6
+# requests. bench_decode's model with spread routing, in-process at 6 GiB, tokens alternating between settings in one
+# decode (layers held 0.52-0.74 unguessed): 0.6 8.24, 0.9 8.76, always 8.81 tok/s; 4 GiB 5.63 / 6.08 / 5.98
+AUTO_PREFETCH_BELOW = 0.9
+# the next layer's experts guess_own guesses from a layer's input: of its ranks 1-8, 0.99 / 1.00 / 0.99 / 0.98 /
+# 0.97 / 0.94 / 0.84 / 0.65 were chosen (bench_decode's model, 40 tokens at 6 GiB); a wrong guess costs a whole read
+EARLY_NEXT = 4
 # --prefetch auto guesses a layer's own experts while its cache held, unguessed, under this share of its recent
 # requests: whenever it missed lately (a guess costs ~45 us a layer, wasted where every expert hits)
 AUTO_OWN_BELOW = 0.99

@@ -98,9 +98,9 @@ def test_lean_decode_guesses_what_the_modules_path_guesses(bf16_store, monkeypat
     monkeypatch.setattr(ExpertCache, "prefetch", lambda self, info, experts, keep: guesses.append(
         (info.layer, list(experts))) or real(self, info, experts, keep))
     with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="lookahead") as m:
-        for mod in m.model.modules():  # the lean path's own guesses (test_own_guesses_...) are not the modules'
-            if hasattr(mod, "_moestream"):
-                mod._moestream.own = False
+        for mod in m.model.modules():  # the lean path's guesses from a layer's input (test_own_guesses_...,
+            if hasattr(mod, "_moestream"):  # test_a_layer_guesses_...) are not the modules'
+                mod._moestream.own, mod._moestream.ahead_norm = False, None
         runs = []
         for lean in (False, True):
             guesses.clear()
@@ -144,6 +144,44 @@ def test_own_guesses_start_reads_before_the_attention_and_change_nothing(bf16_st
                     m.cache.organic = dict.fromkeys(moe, 1.0)
                     m.model(input_ids=torch.tensor([[9]]), cache=past, use_cache=True)
                 assert calls == []
+
+
+def test_a_layer_guesses_the_next_ones_first_experts_from_its_input(bf16_store, monkeypatch):
+    """Beside its own guess, each lean MoE layer but the last guesses the next MoE layer's first EARLY_NEXT experts
+    from its input (the next layer's router and post-attention norm) and starts reading them, keeping its own
+    guesses; the results stay those without guesses (test_own_guesses_...)."""
+    from moestream.cache import ExpertCache
+    from moestream.runtime import EARLY_NEXT
+
+    events = []  # ("guess", router, norm, k, experts) and ("prefetch", layer, experts, keep), in order
+    real_guess, real_prefetch = ckernels.router_guess, ExpertCache.prefetch
+
+    def guess(router, norm, x, k):
+        got = real_guess(router, norm, x, k)
+        events.append(("guess", router.data_ptr(), norm.data_ptr(), k, got))
+        return got
+
+    monkeypatch.setattr(ckernels, "router_guess", guess)
+    monkeypatch.setattr(ExpertCache, "prefetch", lambda self, info, experts, keep: events.append(
+        ("prefetch", info.layer, list(experts), list(keep))) or real_prefetch(self, info, experts, keep))
+    with moestream.load(bf16_store, cache="1GB", context=64, progress=False, prefetch="lookahead") as m:
+        leans = {layer.mlp.experts._moestream.info.layer: layer._moestream_lean for layer in m.model.model.layers
+                 if layer._moestream_lean.router is not None}
+        first, last = sorted(leans)
+        assert m.model.model.layers[first].mlp.experts._moestream.ahead_norm is leans[last].weights[7]
+        assert m.model.model.layers[last].mlp.experts._moestream.ahead_norm is None
+        m.cache.clear()
+        decode_logits(m.model, [5, 17, 42], 3, [True] * 3)
+    early = [i for i, e in enumerate(events) if e[0] == "prefetch" and e[1] == last and e[3]
+             and events[i - 1][0] == "guess"]  # not the guesses beside the attention's output (_prefetch_next)
+    assert len(early) == 3  # one a step, from the first MoE layer
+    next_router = (leans[last].weights[8].data_ptr(), leans[last].weights[7].data_ptr())
+    for i in early:
+        _, router, norm, k, experts = events[i - 1]
+        assert (router, norm, k) == (*next_router, min(EARLY_NEXT, leans[first].router[1]))
+        assert events[i][2] == experts
+        own = events[i - 2]  # the first layer's own guess, kept
+        assert own[:2] == ("prefetch", first) and not own[3] and events[i][3] == [(first, e) for e in own[2]]
 
 
 def test_lean_decode_keeps_kv_in_place_and_transformers_sees_a_dynamic_cache(bf16_store):

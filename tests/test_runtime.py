@@ -487,6 +487,27 @@ def test_a_requested_guess_still_queued_is_read_at_once(qwen3_store, monkeypatch
         assert c.bytes_read == 3 * info.record_bytes  # 0, 2 and 5 once each (1 cancelled)
 
 
+def test_a_guess_keeps_the_guesses_whose_layer_has_not_asked(qwen3_store):
+    """A guess never evicts another guess whose layer has not asked since (a record just read is among LFU's least
+    used: it would go first); once that layer has asked, its guesses it did not want may go."""
+    from concurrent.futures import wait
+
+    record = Store.open(qwen3_store).layers[0].record_bytes
+    with moestream.load(qwen3_store, cache=3 * record, device="cpu", reserve=False) as m:
+        a, b = m.store.layers[0], m.store.layers[1]
+        assert a.record_bytes == b.record_bytes == record
+        m.cache.prefetch(a, [0, 1], keep=[])
+        wait(list(m.cache.inflight.values()))
+        m.cache.prefetch(b, [0, 1, 2], keep=[])  # room for one: 0; 1 and 2 would evict a's guesses
+        wait(list(m.cache.inflight.values()))
+        assert set(m.cache.entries) == {(a.layer, 0), (a.layer, 1), (b.layer, 0)}
+        assert m.cache.layers[b.layer].prefetched == 1
+        m.cache.get(a, [0])  # a asked for 0, not 1: its guess 1 was wrong
+        m.cache.prefetch(b, [1], keep=[])
+        wait(list(m.cache.inflight.values()))
+        assert set(m.cache.entries) == {(a.layer, 0), (b.layer, 0), (b.layer, 1)}
+
+
 def test_auto_prefetch_guesses_only_where_the_cache_misses_on_its_own(qwen3_store):
     """--prefetch auto guesses a layer's experts only while the cache held, unguessed, under AUTO_PREFETCH_BELOW
     of that layer's recent requests (ExpertCache.organic, a moving average updated at each request)."""
@@ -504,4 +525,9 @@ def test_auto_prefetch_guesses_only_where_the_cache_misses_on_its_own(qwen3_stor
             # the cold cache held none of each layer's request (guessed records do not count): each average moved
             # a quarter of the way to 0, and 0.75 stays above the threshold
             assert m.cache.organic == pytest.approx(dict.fromkeys(layers, 0.75 * recent))
-            assert (0.75 * recent < AUTO_PREFETCH_BELOW) == guesses
+        m.cache.organic = dict.fromkeys(layers, AUTO_PREFETCH_BELOW)  # at the threshold: no guess
+        m.cache.clear()
+        m.cache.reset_counters()
+        with torch.no_grad():
+            m.model(torch.tensor([[5]]))
+        assert m.cache.total().prefetched == 0
