@@ -29,11 +29,12 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-direct", action="store_true", help="read with the page cache instead of O_DIRECT")
     g.add_argument("--verify", action="store_true", help="check each expert record's checksum as it is read")
     g.add_argument("--prefetch", default="auto", choices=["none", "lookahead", "auto"],
-                   help="lookahead: apply the next layer's router to this layer's input, and each layer's own "
-                        "router to its input before its attention, and start reading the experts they would pick "
-                        "(only loads; results are unchanged); auto (default): the same, the next layer's guess "
-                        "only while its cache held, unguessed, under 60 %% of its recent requests, a layer's own "
-                        "only while it missed lately")
+                   help="lookahead: apply the next layer's router to this layer's input (its first four "
+                        "experts before the attention, all after it), and each layer's own router to its input "
+                        "before its attention, and start reading the experts they would pick (only loads; results "
+                        "are unchanged); auto (default): the same, the next layer's guesses only while its cache "
+                        "held, unguessed, under 90 %% of its recent requests, a layer's own only while it missed "
+                        "lately")
     g.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="int8: round each one-token expert's inputs to int8 per block of 32 and multiply with integer "
                         "dot products, as llama.cpp's Q4_0 x Q8_0 (LOSSY, opt-in; int4 experts with groups of 32, "

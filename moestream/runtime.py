@@ -440,7 +440,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     layer an equal share: ExpertCache.split_budget).
     `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
     `prefetch`: "none", "lookahead" (guess the next layer's experts with its router, and in lean decode each
-    layer's own before its attention (guess_own), and start their reads), or "auto" (the next layer's guess only
+    layer's own and the next one's first EARLY_NEXT before its attention (guess_own), and start their reads), or
+    "auto" (the next layer's guesses only
     while its cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent requests, a layer's own under
     AUTO_OWN_BELOW).
     `activations`: "float" (exact) or "int8" (lossy, opt-in: one-token experts multiply int8-rounded
