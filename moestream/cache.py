@@ -253,8 +253,8 @@ class ExpertCache:
         Prefetch only loads records: results cannot change, only where time goes. A guess never evicts another
         whose layer has not asked since (`ahead`): under LFU a record just read is among the least used, so a
         guess for a coming layer took the room of the guesses its own layer was about to ask for (in-process at
-        6 GiB, bench_decode's model, early next-layer guesses (guess_own) read 234 MB a token against 198 without
-        them; with guesses kept, 181 against 196)."""
+        6 GiB, bench_decode's model with early next-layer guesses (guess_own): 234 MB read a token where a guess
+        could evict another, 181 where it could not, on the same tokens)."""
         layer = info.layer
         if all((layer, e) in self.entries for e in experts):  # the common case: nothing to read (~10 us, not ~80)
             return

@@ -255,11 +255,14 @@ def default_device() -> torch.device:
 
 
 # --prefetch auto guesses a layer's experts while the cache held, unguessed, fewer than this share of its recent
-# requests. bench_decode's model with spread routing, in-process at 6 GiB, tokens alternating between settings in one
-# decode (layers held 0.52-0.74 unguessed): 0.6 8.24, 0.9 8.76, always 8.81 tok/s; 4 GiB 5.63 / 6.08 / 5.98
+# requests. bench_decode's model with spread routing, in-process, one decode switching settings every 4 tokens (each
+# setting on every block in one of two runs; layers held 0.52-0.74 unguessed at 6 GiB): 6 GiB 0.6 8.17, 0.9 9.01
+# tok/s; 4 GiB 6.28 / 6.33 (benchmarks/RESULTS.md)
 AUTO_PREFETCH_BELOW = 0.9
 # the next layer's experts guess_own guesses from a layer's input: of its ranks 1-8, 0.99 / 1.00 / 0.99 / 0.98 /
-# 0.97 / 0.94 / 0.84 / 0.65 were chosen (bench_decode's model, 40 tokens at 6 GiB); a wrong guess costs a whole read
+# 0.97 / 0.94 / 0.84 / 0.65 were chosen (bench_decode's model, 40 tokens at 6 GiB); a wrong guess costs a whole read.
+# Measured as AUTO_PREFETCH_BELOW: 6 GiB 8.87 / 8.83 tok/s without, 8.98 / 9.08 with; 4 GiB 6.62 both; 2 GiB 4.75
+# against 4.69
 EARLY_NEXT = 4
 # --prefetch auto guesses a layer's own experts while its cache held, unguessed, under this share of its recent
 # requests: whenever it missed lately (a guess costs ~45 us a layer, wasted where every expert hits)
@@ -441,9 +444,8 @@ def load(path: str | os.PathLike, memory: int | str | None = None, cache: int | 
     `reserve`: allocate the expert cache's buffers at load (ExpertCache.reserve) rather than as it fills.
     `prefetch`: "none", "lookahead" (guess the next layer's experts with its router, and in lean decode each
     layer's own and the next one's first EARLY_NEXT before its attention (guess_own), and start their reads), or
-    "auto" (the next layer's guesses only
-    while its cache held, unguessed, under AUTO_PREFETCH_BELOW of its recent requests, a layer's own under
-    AUTO_OWN_BELOW).
+    "auto" (the next layer's guesses only while its cache held, unguessed, under AUTO_PREFETCH_BELOW of its
+    recent requests, a layer's own under AUTO_OWN_BELOW).
     `activations`: "float" (exact) or "int8" (lossy, opt-in: one-token experts multiply int8-rounded
     activations, as llama.cpp's Q4_0 x Q8_0 does; int4 experts with groups of 32 on AVX-512 VNNI CPUs).
     """
