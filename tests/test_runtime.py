@@ -385,7 +385,8 @@ def test_huge_region_is_aligned_and_advised_only_inside():
     assert r.numel() == 3 * HUGE_PAGE + 4096 and r.data_ptr() % HUGE_PAGE == 0
     assert "hg" in vma_flags(r.data_ptr()) and "hg" in vma_flags(r.data_ptr() + 3 * HUGE_PAGE - 1)
     assert "hg" not in vma_flags(r.data_ptr() + 3 * HUGE_PAGE)  # the part-page tail stays on 4 KB pages
-    assert "hg" not in vma_flags(r.data_ptr() - 1)  # and the slack before the 2 MiB boundary
+    if r.data_ptr() > r._base.data_ptr():  # the slack before the 2 MiB boundary, where the mapping has one (else
+        assert "hg" not in vma_flags(r.data_ptr() - 1)  # the byte before is another mapping's, maybe advised too)
     r.fill_(7)
     assert int(r.sum()) == 7 * r.numel()
 
