@@ -153,7 +153,7 @@ def guess_own(src: LayerSource, router: torch.Tensor, norm: torch.Tensor, x: tor
         if guess is not None:
             keep = [(src.info.layer, e) for e in guess]
             src.cache.prefetch(src.info, guess, keep=[])
-    if src.ahead_norm is not None and guessing(src):
+    if src.ahead_norm is not None and EARLY_NEXT > 0 and guessing(src):
         info, weight = src.lookahead
         guess = ckernels.router_guess(weight, src.ahead_norm, x, min(EARLY_NEXT, k))
         if guess is not None:
@@ -262,7 +262,7 @@ AUTO_PREFETCH_BELOW = 0.9
 # the next layer's experts guess_own guesses from a layer's input: of its ranks 1-8, 0.99 / 1.00 / 0.99 / 0.98 /
 # 0.97 / 0.94 / 0.84 / 0.65 were chosen (bench_decode's model, 40 tokens at 6 GiB); a wrong guess costs a whole read.
 # Measured as AUTO_PREFETCH_BELOW: 6 GiB 8.87 / 8.83 tok/s without, 8.98 / 9.08 with; 4 GiB 6.62 both; 2 GiB 4.75
-# against 4.69
+# against 4.69. 0 turns these guesses off.
 EARLY_NEXT = 4
 # --prefetch auto guesses a layer's own experts while its cache held, unguessed, under this share of its recent
 # requests: whenever it missed lately (a guess costs ~45 us a layer, wasted where every expert hits)
