@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_decode import PROMPT  # the prompt bench_decode's rows decode
 from common import machine_description
 
-PROMPT = "import collections\nclass LRUCache:\n    def __init__(self, capacity):"
 FIELDS = ("seconds", "tokens", "bytes_read", "busy_seconds", "wait_seconds")
 
 
