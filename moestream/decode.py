@@ -147,10 +147,11 @@ def lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     logits = ahead = guess = None
     if lean.router is not None:
         src = lean.experts._moestream
-        if guessing(src, own=True) or (src.ahead_norm is not None and guessing(src)):
-            guess_own(src, lean.weights[8], lean.weights[7], x, lean.router[1])
+        own, nxt = guessing(src, own=True), guessing(src)  # each asked once a layer
+        if own or (nxt and src.ahead_norm is not None):
+            guess_own(src, lean.weights[8], lean.weights[7], x, lean.router[1], own, nxt)
         logits = torch.empty(1, lean.router[0], dtype=x.dtype)
-        if guessing(src) and src.lookahead[1].dtype == x.dtype and src.lookahead[1].is_contiguous():
+        if nxt and src.lookahead[1].dtype == x.dtype and src.lookahead[1].is_contiguous():
             ahead = src.lookahead[1]  # the next layer's router on this layer's normed input, in the same call
             guess = torch.empty(1, ahead.shape[0])
     ckernels.attention_block(lean, x, cos.contiguous(), sin.contiguous(), keys, values, positions, out, h, logits,

@@ -139,21 +139,23 @@ def _prefetch_next(src: LayerSource, hidden_states: torch.Tensor, k: int, group:
     src.cache.prefetch(info, order, keep=[(src.info.layer, e) for e in group])
 
 
-def guess_own(src: LayerSource, router: torch.Tensor, norm: torch.Tensor, x: torch.Tensor, k: int) -> None:
+def guess_own(src: LayerSource, router: torch.Tensor, norm: torch.Tensor, x: torch.Tensor, k: int, own: bool,
+              nxt: bool) -> None:
     """Guess this layer's k experts from its input x, before its attention block runs (the router on the
     post-attention norm of x rather than of x plus attention), and start reading those the cache lacks: their
     reads overlap the attention block. Of such a top-8, bench_decode's model with spread routing had 0.94-0.98
     right in every layer (0.88-0.95 from the previous layer's input); with the concentrated routing of its token
     embeddings at 0.02, 0.61-0.91 from the fourth layer on (0.46-0.88), 0.07-0.32 before (benchmarks/RESULTS.md).
     Where `src.ahead_norm` is known, the next layer's first EARLY_NEXT experts are guessed from x too, so its reads
-    start a block earlier than the guess beside the attention's output (_prefetch_next). Only loads records."""
+    start a block earlier than the guess beside the attention's output (_prefetch_next). `own`, `nxt`: the
+    caller's guessing(src, own=True) and guessing(src). Only loads records."""
     keep = []
-    if guessing(src, own=True):
+    if own:
         guess = ckernels.router_guess(router, norm, x, k)
         if guess is not None:
             keep = [(src.info.layer, e) for e in guess]
             src.cache.prefetch(src.info, guess, keep=[])
-    if src.ahead_norm is not None and EARLY_NEXT > 0 and guessing(src):
+    if nxt and src.ahead_norm is not None and EARLY_NEXT > 0:
         info, weight = src.lookahead
         guess = ckernels.router_guess(weight, src.ahead_norm, x, min(EARLY_NEXT, k))
         if guess is not None:
